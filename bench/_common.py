@@ -1,0 +1,32 @@
+"""Shared bench helpers: the JSON-line format and machine description."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+
+
+def machine() -> str:
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no gpu"
+    except Exception:  # noqa: BLE001
+        gpu = "no torch"
+    return f"{os.cpu_count()} cpu, {platform.machine()}, {gpu}"
+
+
+def emit(bench: str, metric: str, value: float, unit: str, baseline: str, baseline_value: float | None) -> dict:
+    ratio = (value / baseline_value) if baseline_value else None
+    line = {"bench": bench, "metric": metric, "value": round(value, 4), "unit": unit, "baseline": baseline,
+            "baseline_value": baseline_value, "ratio": None if ratio is None else round(ratio, 4),
+            "machine": machine()}
+    print(json.dumps(line), flush=True)
+    return line
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024.0

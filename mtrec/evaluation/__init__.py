@@ -1,0 +1,1 @@
+"""Model evaluation: paired bootstrap intervals and the promotion gate."""

@@ -1,0 +1,156 @@
+"""Point-in-time feature tables for training, evaluation and scoring, all through FeatureService mtrec_ranker_v1.
+
+A row for an impression on day d sees features as of 00:00 UTC of d (the serving cut-off: daily aggregates up
+to d-1, behaviour sequences cut at the start of d); a scoring row for ds sees features as of the end of ds.
+User-side features are retrieved once per (user, scenario, cut-off) and item-side once per (item, scenario,
+cut-off), then joined onto the rows: the same retrieval path for training and scoring, at a fraction of the cost
+of a per-impression join. Item text embeddings stay a matrix keyed by item.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+
+import numpy as np
+import pandas as pd
+
+from mtrec import schema as S
+from mtrec.config import MtrecConfig
+from mtrec.data.raw import end_of_day
+from mtrec.features import store as FS
+from mtrec.features.frame import FeatureTable, ItemEmbeddings
+from mtrec.warehouse import Warehouse, q
+
+log = logging.getLogger(__name__)
+
+COUNT_PREFIXES = ("us_impressions_", "is_impressions_", "item_impressions_")
+
+
+def root_tasks(cfg: MtrecConfig) -> list[str]:
+    """Tasks that depend on no other: a positive on any of them is 'engagement' for behaviour sequences."""
+    return [t.name for t in cfg.tasks if t.depends_on is None]
+
+
+def _retrieve(store, keys: pd.DataFrame, features: list[str]) -> pd.DataFrame:
+    """get_historical_features for unique entity rows; `event_timestamp` is the cut-off instant."""
+    if keys.empty or not features:
+        return keys.copy()
+    job = store.get_historical_features(entity_df=keys, features=features)
+    return job.to_df()
+
+
+def _side_features(cfg: MtrecConfig, store, rows: pd.DataFrame, side: str) -> pd.DataFrame:
+    key = "user_id" if side == "user" else "item_id"
+    keys = rows[[key, "scenario", "feature_time"]].drop_duplicates().rename(
+        columns={"feature_time": "event_timestamp"}).reset_index(drop=True)
+    keys[key] = keys[key].fillna("")
+    got = _retrieve(store, keys, FS.service_features(store, side))
+    got["event_timestamp"] = pd.to_datetime(got["event_timestamp"], utc=True)
+    return got.rename(columns={"event_timestamp": "feature_time"})
+
+
+def sequences_for(wh: Warehouse, cfg: MtrecConfig, keys: pd.DataFrame) -> np.ndarray:
+    """Last N engaged items strictly before each (user_id, cutoff), computed in the warehouse with a window function.
+
+    Returns an object array [len(keys), N] of item ids, most recent first, "" padding.
+    """
+    n = cfg.features.sequence_length
+    out = np.full((len(keys), max(n, 0)), "", dtype=object)
+    if n == 0 or keys.empty:
+        return out
+    positive = " OR ".join(f"{q(t)} = 1" for t in root_tasks(cfg))
+    scratch = f"mtrec_seq_keys_{secrets.token_hex(4)}"
+    k = keys[["user_id", "cutoff"]].drop_duplicates().reset_index(drop=True)
+    k["cutoff"] = pd.to_datetime(k["cutoff"], utc=True)
+    lo = (k["cutoff"].min() - pd.Timedelta(days=cfg.features.sequence_lookback_days)).date()
+    hi = k["cutoff"].max().date()
+    wh.create_table(S.TableSpec(scratch, {"user_id": S.TEXT, "cutoff": S.TIMESTAMP}))
+    try:
+        wh.insert_df(scratch, k)
+        seq = wh.query_df(
+            f"SELECT user_id, cutoff, item_id, rn FROM ("
+            f"  SELECT k.user_id, k.cutoff, e.item_id, row_number() OVER ("
+            f"    PARTITION BY k.user_id, k.cutoff ORDER BY e.event_timestamp DESC, e.event_id DESC) AS rn"
+            f"  FROM {q(scratch)} k JOIN {q(S.EVENTS)} e ON e.user_id = k.user_id"
+            f"  WHERE e.ds BETWEEN :lo AND :hi AND e.event_timestamp < k.cutoff"
+            f"    AND e.event_timestamp >= k.cutoff - INTERVAL '{int(cfg.features.sequence_lookback_days)} days'"
+            f"    AND ({positive})"
+            f") s WHERE rn <= :n", {"lo": lo, "hi": hi, "n": n})
+    finally:
+        wh.execute(f"DROP TABLE IF EXISTS {q(scratch)}")
+    if seq.empty:
+        return out
+    seq["cutoff"] = pd.to_datetime(seq["cutoff"], utc=True)
+    index = pd.MultiIndex.from_frame(keys[["user_id", "cutoff"]].assign(cutoff=pd.to_datetime(keys["cutoff"], utc=True)))
+    # map each (user, cutoff) of the result to every row of `keys` with that pair
+    pair_ids, uniques = pd.MultiIndex.from_frame(seq[["user_id", "cutoff"]]).factorize()
+    row_pairs = uniques.get_indexer(index)
+    table = np.full((len(uniques) + 1, n), "", dtype=object)  # last row: users without history
+    table[pair_ids, seq["rn"].to_numpy().astype(int) - 1] = seq["item_id"].to_numpy()
+    return table[np.where(row_pairs >= 0, row_pairs, len(uniques))]
+
+
+def load_item_embeddings(cfg: MtrecConfig, wh: Warehouse | None = None,
+                         item_ids: list[str] | None = None) -> ItemEmbeddings | None:
+    """The title-embedding matrix keyed by item (the features stage keeps it up to date)."""
+    df = FS.load_embeddings(cfg)
+    if df is None or df.empty:
+        return None
+    if item_ids is not None:
+        df = df[df["item_id"].isin(set(item_ids))]
+    vectors = np.stack(df["title_embedding"].to_numpy()).astype(np.float32) if len(df) else np.zeros((0, 384), np.float32)
+    return ItemEmbeddings(item_ids=df["item_id"].tolist(), vectors=vectors,
+                          missing=df["title_missing"].to_numpy().astype(bool),
+                          encoder_id=cfg.text_encoder.name_or_path)
+
+
+def _assemble(cfg: MtrecConfig, wh: Warehouse, rows: pd.DataFrame) -> FeatureTable:
+    """Join user- and item-side features (as of each row's feature_time), sequences and embeddings onto rows."""
+    store = FS.feature_store(cfg)
+    attrs = FS.attributes(cfg, wh).prefixed()
+    rows = rows.reset_index(drop=True)
+    rows["user_id"] = rows["user_id"].fillna("")
+    user = _side_features(cfg, store, rows, "user")
+    item = _side_features(cfg, store, rows, "item")
+    frame = rows.merge(user, on=["user_id", "scenario", "feature_time"], how="left", validate="many_to_one")
+    frame = frame.merge(item, on=["item_id", "scenario", "feature_time"], how="left", validate="many_to_one")
+    user_num = attrs["user_numeric"] + [c.split(":")[1] for c in FS.service_features(store, "user")
+                                         if c.startswith(FS.USER_ENGAGEMENT + ":")]
+    item_num = attrs["item_numeric"] + [c.split(":")[1] for c in FS.service_features(store, "item")
+                                         if c.startswith(FS.ITEM_STATS + ":")]
+    for c in user_num + item_num:
+        frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("float64")
+        if c.startswith(COUNT_PREFIXES):
+            frame[c] = frame[c].fillna(0.0)  # no snapshot row = no impressions in the window
+    for c in attrs["user_categorical"] + attrs["item_categorical"]:
+        frame[c] = frame[c].astype(object).where(frame[c].notna(), None)
+    seq = sequences_for(wh, cfg, frame[["user_id", "feature_time"]].rename(columns={"feature_time": "cutoff"}))
+    return FeatureTable(
+        frame=frame, tasks=cfg.task_names,
+        user_categorical=attrs["user_categorical"], user_numeric=user_num,
+        item_categorical=attrs["item_categorical"], item_numeric=item_num,
+        sequences=seq, item_embeddings=load_item_embeddings(cfg, wh), feature_service=FS.FEATURE_SERVICE)
+
+
+def build_training_set(cfg: MtrecConfig, wh: Warehouse, start: dt.date, end: dt.date, *,
+                       progress: bool = True) -> FeatureTable:
+    """Impressions with start <= ds <= end, their labels, and features as of 00:00 UTC of their day."""
+    label_cols = ", ".join(f"CAST({q(t)} AS BIGINT) AS {q(t)}" for t in cfg.task_names)
+    rows = wh.query_df(
+        f"SELECT event_id, user_id, item_id, scenario, ds, event_timestamp, {label_cols} FROM {q(S.EVENTS)} "
+        f"WHERE ds BETWEEN :a AND :b ORDER BY ds, event_timestamp, event_id", {"a": start, "b": end})
+    rows["ds"] = pd.to_datetime(rows["ds"]).dt.date
+    rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True)
+    rows["feature_time"] = pd.to_datetime(rows["ds"]).dt.tz_localize("UTC")
+    log.info("training set %s..%s: %d impressions", start, end, len(rows))
+    return _assemble(cfg, wh, rows)
+
+
+def build_scoring_table(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, pairs: pd.DataFrame) -> FeatureTable:
+    """(user_id, scenario, item_id) candidate pairs with features as of the end of ds (no labels)."""
+    rows = pairs[["user_id", "scenario", "item_id"]].copy()
+    rows["ds"] = ds
+    rows["feature_time"] = pd.Timestamp(end_of_day(ds))
+    return _assemble(cfg, wh, rows)

@@ -1,0 +1,180 @@
+"""Features stage: point-in-time correctness (leakage tests that can fail), sequences, idempotent reruns, Redis."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mtrec.config import load_config
+from mtrec.data.generate import generate_into_warehouse
+from mtrec.data.raw import load_frames
+from mtrec.features import aggregates as A
+from mtrec.features import store as FS
+from mtrec.features.training_set import build_scoring_table, build_training_set
+from mtrec.steps import features
+from mtrec.warehouse import open_warehouse
+
+END = dt.date(2024, 6, 8)
+DAY = END - dt.timedelta(days=1)  # the day whose impressions we inspect
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    home = tmp_path_factory.mktemp("features") / "home"
+    cfg = load_config(environ={}, overrides={"home": str(home)})
+    generate_into_warehouse(cfg, users=200, items=80, days=6, end_date=END, seed=5, progress=False)
+    wh = open_warehouse(cfg)
+    # Plant a future attribute value: user u0000001 changes country at noon of DAY.
+    load_frames(wh, cfg, {"users": pd.DataFrame({
+        "user_id": ["u0000001"], "updated_at": [pd.Timestamp(DAY, tz="UTC") + pd.Timedelta(hours=12)],
+        "age_bucket": ["18-24"], "country": ["PLANTED"], "device": ["web"], "tenure_days": [1.0]})})
+    wh.close()
+    result = features.run(cfg, END)
+    return cfg, result
+
+
+def _tables(cfg) -> dict[str, pd.DataFrame]:
+    wh = open_warehouse(cfg)
+    try:
+        return {t: wh.query_df(f"SELECT * FROM {t} ORDER BY 1, 2, 3") for t in
+                (A.ITEM_DAILY, A.USER_DAILY, A.ITEM_SCENARIO_FEATURES, A.USER_SCENARIO_FEATURES)}
+    finally:
+        wh.close()
+
+
+def test_rerun_leaves_aggregates_unchanged_and_embeds_nothing(built):
+    cfg, first = built
+    assert first.items_embedded > 0
+    before = _tables(cfg)
+    again = features.run(cfg, END)
+    assert again.items_embedded == 0
+    for name, df in _tables(cfg).items():
+        pd.testing.assert_frame_equal(df, before[name], obj=name)
+
+
+def test_planted_future_attribute_never_reaches_earlier_impressions(built):
+    cfg, _ = built
+    wh = open_warehouse(cfg)
+    try:
+        table = build_training_set(cfg, wh, DAY, DAY)
+        scoring = build_scoring_table(cfg, wh, DAY, pd.DataFrame(
+            {"user_id": ["u0000001"], "scenario": ["home"], "item_id": ["i0000001"]}))
+    finally:
+        wh.close()
+    assert "PLANTED" not in set(table.frame["u_country"].dropna())
+    assert scoring.frame["u_country"].iloc[0] == "PLANTED"  # visible once the day is over
+
+
+def test_feast_join_agrees_with_merge_asof_and_sees_only_previous_days(built):
+    cfg, _ = built
+    wh = open_warehouse(cfg)
+    try:
+        table = build_training_set(cfg, wh, DAY, DAY)
+        snaps = wh.query_df(f"SELECT * FROM {A.ITEM_SCENARIO_FEATURES}")
+        events = wh.query_df("SELECT item_id, scenario, ds FROM events")
+    finally:
+        wh.close()
+    rows = table.frame.sample(300, random_state=0).sort_values("feature_time")
+    snaps["feature_timestamp"] = pd.to_datetime(snaps["feature_timestamp"], utc=True).astype("datetime64[ns, UTC]")
+    rows["feature_time"] = rows["feature_time"].astype("datetime64[ns, UTC]")
+    expected = pd.merge_asof(
+        rows[["event_id", "item_id", "scenario", "feature_time"]], snaps.sort_values("feature_timestamp"),
+        left_on="feature_time", right_on="feature_timestamp", by=["item_id", "scenario"],
+        tolerance=pd.Timedelta(days=1), allow_exact_matches=True)
+    got = rows.set_index("event_id")["is_impressions_7d"]
+    want = expected.set_index("event_id")["is_impressions_7d"].fillna(0.0)
+    pd.testing.assert_series_equal(got.sort_index(), want.sort_index(), check_names=False)
+    # and the 1-day count equals the raw impressions of the previous day, never of the impression's own day
+    events["ds"] = pd.to_datetime(events["ds"]).dt.date
+    prev = events[events["ds"] == DAY - dt.timedelta(days=1)].groupby(["item_id", "scenario"]).size()
+    keys = list(zip(rows["item_id"], rows["scenario"], strict=True))
+    counts = np.array([prev.get(k, 0) for k in keys], dtype=float)
+    np.testing.assert_array_equal(rows["is_impressions_1d"].to_numpy(), counts)
+
+
+def test_sequences_hold_only_engagements_before_the_day(built):
+    cfg, _ = built
+    wh = open_warehouse(cfg)
+    try:
+        table = build_training_set(cfg, wh, DAY, DAY)
+        ev = wh.query_df("SELECT user_id, item_id, event_timestamp, event_id, click FROM events WHERE click = 1")
+    finally:
+        wh.close()
+    ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True)
+    cutoff = pd.Timestamp(DAY, tz="UTC")
+    n = cfg.features.sequence_length
+    frame = table.frame
+    checked = 0
+    for i in np.flatnonzero(frame["user_id"].isin(ev["user_id"]).to_numpy())[:200]:
+        user = frame["user_id"].iat[i]
+        hist = ev[(ev["user_id"] == user) & (ev["event_timestamp"] < cutoff)].sort_values(
+            ["event_timestamp", "event_id"], ascending=False)["item_id"].tolist()[:n]
+        got = [x for x in table.sequences[i] if x]
+        assert got == hist
+        checked += 1
+    assert checked > 20
+    # an impression's own engagement (on DAY) never appears in its sequence unless engaged earlier
+    own = frame[(frame["click"] == 1)]
+    for i in own.index[:100]:
+        earlier = ev[(ev["user_id"] == frame.at[i, "user_id"]) & (ev["event_timestamp"] < cutoff)]["item_id"]
+        if frame.at[i, "item_id"] not in set(earlier):
+            assert frame.at[i, "item_id"] not in set(table.sequences[i])
+
+
+def test_embeddings_stay_a_matrix_keyed_by_item(built):
+    cfg, _ = built
+    wh = open_warehouse(cfg)
+    try:
+        table = build_training_set(cfg, wh, DAY, DAY)
+    finally:
+        wh.close()
+    emb = table.item_embeddings
+    assert emb is not None and emb.vectors.shape[1] == 384
+    assert not any("embedding" in c for c in table.frame.columns)
+    assert (emb.index_of(table.frame["item_id"]) >= 0).all()
+
+
+def test_materializes_into_redis(tmp_path, redis_url):
+    project = f"mtrec_test_{secrets.token_hex(4)}"
+    cfg = load_config(environ={}, overrides={
+        "home": str(tmp_path / "home"), "online_store": {"type": "redis", "redis_url": redis_url},
+        "features": {"feast_project": project}})
+    generate_into_warehouse(cfg, users=60, items=30, days=3, end_date=END, seed=1, progress=False)
+    features.run(cfg, END)
+    store = FS.feature_store(cfg)
+    wh = open_warehouse(cfg)
+    try:
+        top = wh.query_df(f"SELECT item_id, scenario, is_impressions_1d FROM {A.ITEM_SCENARIO_FEATURES} "
+                          "WHERE ds = :d ORDER BY is_impressions_1d DESC LIMIT 1", {"d": END})
+    finally:
+        wh.close()
+    got = store.get_online_features(
+        features=[f"{FS.ITEM_STATS}:is_impressions_1d"],
+        entity_rows=[{"item_id": top["item_id"][0], "scenario": top["scenario"][0]}]).to_dict()
+    assert got["is_impressions_1d"][0] == pytest.approx(top["is_impressions_1d"][0])
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    assert any(project.encode() in k for k in client.scan_iter(count=1000)) or client.dbsize() > 0
+    store.teardown()
+
+
+def test_feature_repo_files_describe_the_same_objects(built):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg, _ = built
+    repo = Path(__file__).resolve().parents[2] / "feature_repo"
+    env = {**os.environ, "MTREC_HOME": str(cfg.home)}
+    env.pop("MTREC_CONFIG", None)
+    feast = Path(sys.executable).parent / "feast"
+    out = subprocess.run([str(feast), "feature-services", "list"], cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "mtrec_ranker_v1" in out.stdout and "item_scenario_stats:is_click_rate_7d" in out.stdout
