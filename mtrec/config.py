@@ -126,7 +126,7 @@ class TrainingSpec(_Section):
     task_weighting: Literal["fixed", "uncertainty"] = "fixed"
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    num_threads: int = Field(0, ge=0, description="torch CPU threads per process; 0 = 1 (the small layers of a ranker gain little from more, and spin under contention)")
 
 
 class GateSpec(_Section):

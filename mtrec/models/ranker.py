@@ -1,0 +1,266 @@
+"""Rankers: `msmt` (the default) and the baselines `shared_bottom`, `mmoe`, `single_task`.
+
+Every ranker splits its forward pass in three so that batch scoring computes each side once:
+
+    user_side(batch, text)  -> tensors per (user, scenario) row (embeddings, projected behaviour sequence)
+    item_side(batch, text)  -> tensors per (item, scenario) row (id/attribute embeddings, title projection)
+    pair(u, i, scenario)    -> {task: probability}, u and i gathered to the pairs
+
+and `forward(batch, text) = pair(user_side(batch), item_side(batch), batch["scenario"])` for training.
+`text` is the item title-embedding matrix [n_items + 1, text_dim]; batches carry row indices into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from mtrec.models.layers import ExtractionLayer, MMoELayer, ScenarioGate, TargetAttention, mlp
+
+USER_KEYS = ("user", "user_cat", "user_num", "seq", "seq_text")
+ITEM_KEYS = ("item", "item_cat", "item_num", "text")
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a ranker's modules (saved in the artifact's metadata)."""
+
+    name: str
+    tasks: list[str]
+    parents: dict[str, str | None]
+    n_users: int
+    n_items: int
+    n_scenarios: int
+    user_cat: list[int] = field(default_factory=list)
+    item_cat: list[int] = field(default_factory=list)
+    user_num: int = 0
+    item_num: int = 0
+    text_dim: int = 0
+    sequence_length: int = 0
+    embedding_dim: int = 16
+    hidden_dims: list[int] = field(default_factory=lambda: [128, 64])
+    dropout: float = 0.0
+    n_shared_experts: int = 2
+    n_task_experts: int = 1
+    n_mmoe_experts: int = 4
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class InputLayer(nn.Module):
+    """Embeddings of ids, attributes and scenario; numeric features pass through (already normalized)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        d = spec.embedding_dim
+        self.spec = spec
+        self.user = nn.Embedding(spec.n_users, d)
+        self.item = nn.Embedding(spec.n_items, d, padding_idx=0)
+        self.scenario = nn.Embedding(spec.n_scenarios, d)
+        self.user_cat = nn.ModuleList([nn.Embedding(n, d) for n in spec.user_cat])
+        self.item_cat = nn.ModuleList([nn.Embedding(n, d) for n in spec.item_cat])
+        self.text = nn.Linear(spec.text_dim, d) if spec.text_dim else None
+        for emb in (self.user, self.item, self.scenario, *self.user_cat, *self.item_cat):
+            nn.init.normal_(emb.weight, std=0.05)
+
+    @property
+    def user_dim(self) -> int:
+        return self.spec.embedding_dim * (1 + len(self.spec.user_cat)) + self.spec.user_num
+
+    @property
+    def item_dim(self) -> int:
+        return self.spec.embedding_dim * (2 + len(self.spec.item_cat)) + self.spec.item_num
+
+    def item_key(self, item: torch.Tensor, text_idx: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The vector an item is known by (in sequences and as the attention query): id + title projection."""
+        key = self.item(item)
+        if self.text is not None:
+            if text.shape[0] <= text_idx.numel():  # project the (small) catalogue once, then gather
+                key = key + self.text(text)[text_idx]
+            else:
+                key = key + self.text(text[text_idx])
+        return key
+
+    def user_vector(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = [self.user(b["user"])] + [e(b["user_cat"][:, j]) for j, e in enumerate(self.user_cat)]
+        return torch.cat(parts + [b["user_num"]], dim=1)
+
+    def item_vector(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self.item_key(b["item"], b["text"], text)
+        parts = [self.item(b["item"]), key] + [e(b["item_cat"][:, j]) for j, e in enumerate(self.item_cat)]
+        return torch.cat(parts + [b["item_num"]], dim=1), key
+
+    def sequence(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if "seq" not in b or b["seq"].shape[1] == 0:
+            n = b["user"].shape[0]
+            return torch.zeros(n, 0, self.spec.embedding_dim, device=b["user"].device), \
+                torch.zeros(n, 0, dtype=torch.bool, device=b["user"].device)
+        return self.item_key(b["seq"], b["seq_text"], text), b["seq"] != 0
+
+
+def _mean_pool(keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(keys.dtype)
+    return (keys * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class Ranker(nn.Module):
+    """Base: shared input layer, mean-pooled sequence, independent task heads (overridden by subclasses)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.inputs = InputLayer(spec)
+        d = spec.embedding_dim
+        self.in_dim = self.inputs.user_dim + self.inputs.item_dim + 3 * d  # + scenario, pooled sequence, key*pooled
+
+    def user_side(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> dict[str, torch.Tensor]:
+        keys, mask = self.inputs.sequence(b, text)
+        return {"u": self.inputs.user_vector(b), "seq": keys, "mask": mask}
+
+    def item_side(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> dict[str, torch.Tensor]:
+        vec, key = self.inputs.item_vector(b, text)
+        return {"i": vec, "key": key}
+
+    def pooled(self, u: dict[str, torch.Tensor], i: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _mean_pool(u["seq"], u["mask"]) if u["seq"].shape[1] else torch.zeros_like(i["key"])
+
+    def features(self, u: dict, i: dict, scenario: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.inputs.scenario(scenario)
+        pooled = self.pooled(u, i)
+        return torch.cat([u["u"], i["i"], s, pooled, pooled * i["key"]], dim=1), s
+
+    def pair(self, u: dict, i: dict, scenario: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.pair(self.user_side(b, text), self.item_side(b, text), b["scenario"], text)
+
+    def _probs(self, logits: list[torch.Tensor], chain: bool) -> dict[str, torch.Tensor]:
+        """Task probabilities; with `chain`, a dependent task is p(parent) * p(task | parent) (ESMM)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, z in zip(self.spec.tasks, logits, strict=True):
+            p = torch.sigmoid(z.squeeze(-1).float())
+            parent = self.spec.parents.get(name)
+            out[name] = out[parent] * p if chain and parent else p
+        return out
+
+
+class MSMT(Ranker):
+    """Multi-scenario multi-task ranker: target attention over the behaviour sequence, a scenario-conditioned
+    input gate, a PLE extraction layer with scenario-aware gates, one tower per task, a wide linear part over
+    the numeric features (popularity aggregates), a per-scenario task bias, and ESMM chaining of dependent tasks.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        d, h = spec.embedding_dim, spec.hidden_dims
+        self.attention = TargetAttention(d)
+        self.gate = ScenarioGate(self.in_dim, d)
+        self.ple = ExtractionLayer(self.in_dim, h[0], len(spec.tasks), spec.n_shared_experts,
+                                   spec.n_task_experts, d, spec.dropout)
+        self.towers = nn.ModuleList([mlp([h[0], *h[1:], 1], spec.dropout, last_activation=False) for _ in spec.tasks])
+        self.wide = nn.Linear(spec.user_num + spec.item_num, len(spec.tasks))
+        self.scenario_bias = nn.Embedding(spec.n_scenarios, len(spec.tasks))
+        nn.init.zeros_(self.scenario_bias.weight)
+
+    def user_side(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> dict[str, torch.Tensor]:
+        u = super().user_side(b, text)
+        u["seq_k"] = self.attention.project_keys(u["seq"])
+        return u
+
+    def pooled(self, u: dict, i: dict) -> torch.Tensor:
+        if not u["seq"].shape[1]:
+            return self.attention.empty.expand_as(i["key"])
+        return self.attention(i["key"], u["seq_k"], u["seq"], u["mask"])
+
+    def pair(self, u: dict, i: dict, scenario: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        x, s = self.features(u, i, scenario)
+        x = self.gate(x, s)
+        hidden = self.ple(x, s)
+        num = torch.cat([u["u"][:, u["u"].shape[1] - self.spec.user_num:],
+                         i["i"][:, i["i"].shape[1] - self.spec.item_num:]], dim=1)
+        wide = self.wide(num) + self.scenario_bias(scenario)
+        logits = [tower(hk) + wide[:, t:t + 1] for t, (tower, hk) in enumerate(zip(self.towers, hidden, strict=True))]
+        return self._probs(logits, chain=True)
+
+
+class SharedBottom(Ranker):
+    """Baseline: one shared MLP bottom, one tower per task, tasks predicted independently."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        h = spec.hidden_dims
+        self.bottom = mlp([self.in_dim, h[0]], spec.dropout)
+        self.towers = nn.ModuleList([mlp([h[0], *h[1:], 1], spec.dropout, last_activation=False) for _ in spec.tasks])
+
+    def pair(self, u: dict, i: dict, scenario: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        x, _ = self.features(u, i, scenario)
+        z = self.bottom(x)
+        return self._probs([t(z) for t in self.towers], chain=False)
+
+
+class MMoE(Ranker):
+    """Baseline: multi-gate mixture of experts (Ma et al. 2018), tasks predicted independently."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        h = spec.hidden_dims
+        self.mmoe = MMoELayer(self.in_dim, h[0], len(spec.tasks), spec.n_mmoe_experts, spec.dropout)
+        self.towers = nn.ModuleList([mlp([h[0], *h[1:], 1], spec.dropout, last_activation=False) for _ in spec.tasks])
+
+    def pair(self, u: dict, i: dict, scenario: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        x, _ = self.features(u, i, scenario)
+        return self._probs([t(z) for t, z in zip(self.towers, self.mmoe(x), strict=True)], chain=False)
+
+
+class SingleTask(nn.Module):
+    """Baseline: one small independent network (own embeddings included) per scenario x task."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        small = ModelSpec(**{**spec.to_json(), "embedding_dim": max(4, spec.embedding_dim // 2)})
+        self.nets = nn.ModuleDict()
+        for s in range(1, spec.n_scenarios):  # 1 = unknown scenario, 2.. = known ones
+            for t in spec.tasks:
+                net = Ranker(small)
+                net.head = mlp([net.in_dim, spec.hidden_dims[-1], 1], spec.dropout, last_activation=False)
+                self.nets[f"s{s}_{t}"] = net
+
+    def user_side(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: b[k] for k in USER_KEYS if k in b}
+
+    def item_side(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: b[k] for k in ITEM_KEYS if k in b}
+
+    def pair(self, u: dict, i: dict, scenario: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        b = {**u, **i}
+        out = {t: torch.zeros(scenario.shape[0], device=scenario.device) for t in self.spec.tasks}
+        for s in torch.unique(scenario).tolist():
+            rows = (scenario == s).nonzero(as_tuple=True)[0]
+            sub = {k: v[rows] for k, v in b.items()}
+            for t in self.spec.tasks:
+                net = self.nets[f"s{max(int(s), 1)}_{t}"]
+                x, _ = net.features(net.user_side(sub, text), net.item_side(sub, text), scenario[rows])
+                out[t] = out[t].index_copy(0, rows, torch.sigmoid(net.head(x).squeeze(-1).float()))
+        return out
+
+    def forward(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.pair(self.user_side(b, text), self.item_side(b, text), b["scenario"], text)
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "msmt": MSMT, "shared_bottom": SharedBottom, "mmoe": MMoE, "single_task": SingleTask,
+}
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    if spec.name not in ARCHITECTURES:
+        from mtrec.errors import ConfigError
+
+        raise ConfigError(f"config key training.model: unknown model {spec.name!r} "
+                          f"(choose one of {', '.join(sorted(ARCHITECTURES))} or popularity)")
+    return ARCHITECTURES[spec.name](spec)
