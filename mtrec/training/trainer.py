@@ -213,8 +213,8 @@ def train_model(cfg: MtrecConfig, table, valid=None, *, init_from: RankerArtifac
             total += float(loss.detach()) * len(idx)
             count += len(idx)
             seen += len(idx) * world
-            if count and bar.n % 20 == 0:
-                bar.set_postfix(loss=f"{total / count:.4f}")
+            if (start // t.batch_size) % 25 == 24:
+                bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
         row: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(count, 1),
                                "lr": optimizer.param_groups[0]["lr"],
                                "seconds": round(time.perf_counter() - epoch_start, 3)}

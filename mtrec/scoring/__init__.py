@@ -1,0 +1,1 @@
+"""Candidates and batched top-K ranking for the score stage."""

@@ -1,0 +1,168 @@
+"""Batched top-K ranking of one scenario: item side once, user side once per (user, scenario), pairs in chunks.
+
+Memory is bounded by the user chunk (`scoring.batch_users`, shrunk when the item universe is large) and the
+pair chunk, never by the number of users: rows are streamed to a Parquet file as chunks finish.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from mtrec import schema as S
+from mtrec.config import MtrecConfig
+from mtrec.features.training_set import build_scoring_table
+from mtrec.scoring.candidates import Universe, candidate_mask, item_vectors
+from mtrec.training.encoding import to_device
+from mtrec.warehouse import Warehouse
+
+log = logging.getLogger(__name__)
+
+PAIR_CHUNK = 65_536
+MASK_CELLS = 20_000_000  # user chunk x universe cells kept in memory at once
+
+
+class Scorer:
+    """Probabilities per (user, item) pair of a scenario. Subclasses: the registry model and popularity."""
+
+    version: str
+    tasks: list[str]
+
+    def users(self, table) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def pairs(self, u: dict, i: dict, u_idx: torch.Tensor, i_idx: torch.Tensor,
+              scenario: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class ModelScorer(Scorer):
+    def __init__(self, artifact, version: str, device: torch.device) -> None:
+        self.art, self.version, self.device = artifact.to(device), version, device
+        self.tasks = artifact.tasks
+        self._text: torch.Tensor | None = None
+
+    def _encode(self, table) -> dict[str, torch.Tensor]:
+        tensors, text = self.art.encoder.transform(table, labels=False)
+        self._text = text.to(self.device)
+        return to_device(tensors, self.device)
+
+    @torch.no_grad()
+    def users(self, table) -> dict[str, torch.Tensor]:
+        self.art.model.eval()
+        b = self._encode(table)
+        return {**self.art.model.user_side(b, self._text), "_scenario": b["scenario"]}
+
+    @torch.no_grad()
+    def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
+        self.art.model.eval()
+        b = self._encode(table)
+        return self.art.model.item_side(b, self._text)
+
+    @torch.no_grad()
+    def pairs(self, u, i, u_idx, i_idx, scenario):
+        ug = {k: v[u_idx] for k, v in u.items() if not k.startswith("_")}
+        ig = {k: v[i_idx] for k, v in i.items()}
+        return self.art.model.pair(ug, ig, scenario, self._text)
+
+
+class PopularityScorer(Scorer):
+    """The fallback when there is no champion: each task's smoothed rate of the item in the scenario."""
+
+    version = "popularity"
+
+    def __init__(self, tasks: list[str]) -> None:
+        self.tasks = tasks
+
+    def users(self, table) -> dict[str, torch.Tensor]:
+        return {}
+
+    def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
+        return {t: torch.from_numpy(uni.rates[t].astype(np.float32)) for t in self.tasks}
+
+    def pairs(self, u, i, u_idx, i_idx, scenario):
+        return {t: i[t][i_idx] for t in self.tasks}
+
+
+@dataclass
+class ScenarioScores:
+    users: int
+    rows: int
+    candidates: int
+
+
+def _fuse(probs: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    out = None
+    for t, w in weights.items():
+        if t in probs and w:
+            out = probs[t].float() * w if out is None else out + probs[t].float() * w
+    if out is None:
+        raise ValueError("no fusion weight matches a task of the model")
+    return out
+
+
+def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, users: list[str],
+                  scorer: Scorer, *, run_id: str, created_at: dt.datetime, on_chunk=None) -> Iterator[pd.DataFrame]:
+    """Yield the top-K rows of every user of the scenario, one user chunk at a time."""
+    k = cfg.scoring.top_k
+    weights = cfg.fusion_weights(uni.scenario)
+    n_items = len(uni.items)
+    if not users or not n_items:
+        return
+    item_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
+        {"user_id": "", "scenario": uni.scenario, "item_id": uni.items}))
+    i_side = scorer.items(item_table, uni)
+    vectors, has_vector = item_vectors(cfg, uni.items)
+    chunk = max(16, min(cfg.scoring.batch_users, MASK_CELLS // max(n_items, 1)))
+    for start in range(0, len(users), chunk):
+        ids = users[start:start + chunk]
+        user_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
+            {"user_id": ids, "scenario": uni.scenario, "item_id": ""}))
+        u_side = scorer.users(user_table)
+        seq = user_table.sequences if user_table.sequences is not None else np.zeros((len(ids), 0), dtype=object)
+        mask = candidate_mask(cfg, uni, seq, vectors, has_vector)
+        u_idx, i_idx = mask.nonzero(as_tuple=True)
+        scen = (u_side.get("_scenario") if u_side else None)
+        scores = torch.full((len(ids), n_items), float("-inf"))
+        for p in range(0, len(u_idx), PAIR_CHUNK):
+            uu, ii = u_idx[p:p + PAIR_CHUNK], i_idx[p:p + PAIR_CHUNK]
+            s_idx = scen[uu] if scen is not None else torch.zeros(len(uu), dtype=torch.long)
+            probs = scorer.pairs(u_side, i_side, uu, ii, s_idx)
+            scores[uu, ii] = _fuse(probs, weights).cpu()
+        kk = min(k, n_items)
+        top_s, top_i = torch.topk(scores, kk, dim=1)
+        keep = torch.isfinite(top_s)
+        rows_u = torch.arange(len(ids)).unsqueeze(1).expand_as(top_i)[keep]
+        rows_i = top_i[keep]
+        ranks = (torch.arange(kk) + 1).unsqueeze(0).expand_as(top_i)[keep]
+        s_idx = scen[rows_u] if scen is not None else torch.zeros(len(rows_u), dtype=torch.long)
+        probs = scorer.pairs(u_side, i_side, rows_u, rows_i, s_idx)
+        frame = pd.DataFrame({
+            "ds": ds, "scenario": uni.scenario, "user_id": np.asarray(ids, dtype=object)[rows_u.numpy()],
+            "rank": ranks.numpy().astype(np.int64), "item_id": np.asarray(uni.items, dtype=object)[rows_i.numpy()],
+            "score": top_s[keep].numpy().astype(np.float64)})
+        for t in cfg.task_names:
+            frame[S.prob_column(t)] = probs[t].float().cpu().numpy().astype(np.float64) if t in probs else np.nan
+        frame["model_version"] = scorer.version
+        frame["run_id"] = run_id
+        frame["created_at"] = pd.Timestamp(created_at)
+        if on_chunk:
+            on_chunk(len(ids), int(len(u_idx)))
+        yield frame
+
+
+def arrow_schema(cfg: MtrecConfig) -> pa.Schema:
+    types = {S.TEXT: pa.string(), S.DATE: pa.date32(), S.TIMESTAMP: pa.timestamp("us", tz="UTC"),
+             S.DOUBLE: pa.float64(), S.BIGINT: pa.int64(), S.BOOLEAN: pa.bool_()}
+    spec = S.recommendations_spec(cfg)
+    return pa.schema([pa.field(c, types[t]) for c, t in spec.columns.items()])

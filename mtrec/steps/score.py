@@ -1,0 +1,154 @@
+"""Score stage: rank candidates for every active user in every scenario and stage the top-K as Parquet.
+
+Staged output (the publish stage's input): `runs/<ds>/<run_id>/scores/<scenario>.parquet` with exactly the
+columns of `daily_recommendations`, then `scores/_SUCCESS.json` listing the scenarios and their row counts
+(merged under a file lock, so scenarios scored in parallel by an orchestrator each add their own entry).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mtrec.config import MtrecConfig
+from mtrec.errors import ModelError, StageError
+from mtrec.steps.base import SUCCESS, StageResult, new_run_id, run_dir, stage_warehouse, tracked
+from mtrec.warehouse import Warehouse
+
+log = logging.getLogger(__name__)
+
+SUCCESS_FILE = "_SUCCESS.json"
+
+
+@dataclass
+class ScoreResult(StageResult):
+    rows: dict[str, int] = field(default_factory=dict)
+    users: dict[str, int] = field(default_factory=dict)
+    model_version: str = ""
+    scores_dir: str = ""
+
+
+def scores_dir(cfg: MtrecConfig, ds: dt.date, run_id: str) -> Path:
+    return run_dir(cfg, ds, run_id) / "scores"
+
+
+def resolve_model(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, model: str):
+    """(ModelVersion or None, label): champion | as-of (the champion in force for ds) | an explicit version.
+    None means no champion exists (yet, or as of ds): scoring falls back to popularity."""
+    from mtrec.registry import ModelRegistry
+
+    reg = ModelRegistry(cfg, wh)
+    if model == "champion":
+        mv = reg.champion()
+    elif model == "as-of":
+        mv = reg.champion_as_of(ds)
+    else:
+        mv = reg.get(model)
+    return mv, (mv.version if mv else "popularity")
+
+
+def make_scorer(cfg: MtrecConfig, wh: Warehouse, mv):
+    from mtrec.registry import ModelRegistry
+    from mtrec.scoring.rank import ModelScorer, PopularityScorer
+    from mtrec.training.artifact import pick_device
+
+    if mv is None:
+        return PopularityScorer(cfg.task_names)
+    art = ModelRegistry(cfg, wh).load(mv.version)
+    missing = [t for t in art.tasks if t not in cfg.task_names]
+    if missing:
+        raise ModelError(f"model {mv.version} predicts tasks {art.tasks}, the config has {cfg.task_names}",
+                         table="model_registry")
+    return ModelScorer(art, mv.version, pick_device(cfg.training.device))
+
+
+def _merge_success(path: Path, ds: dt.date, run_id: str, model_version: str, rows: dict[str, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = json.loads(path.read_text()) if path.exists() else {}
+        if current.get("model_version") not in (None, model_version):
+            current = {}  # a rescore with another model replaces the previous staging
+        current.update({"ds": ds.isoformat(), "run_id": run_id, "model_version": model_version})
+        current.setdefault("scenarios", {}).update(rows)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: list[str] | None,
+          model: str) -> ScoreResult:
+    from tqdm.auto import tqdm
+
+    from mtrec.data.raw import known_scenarios
+    from mtrec.scoring.candidates import active_users, universe
+    from mtrec.scoring.rank import arrow_schema, rank_scenario
+
+    torch_threads = cfg.training.num_threads or 1
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    mv, label = resolve_model(cfg, wh, ds, model)
+    scorer = make_scorer(cfg, wh, mv)
+    if mv is None:
+        log.warning("score %s: no champion%s: ranking by smoothed popularity", ds,
+                    " as of this date" if model == "as-of" else "")
+    all_scen = known_scenarios(wh, cfg, ds)
+    todo = list(scenarios) if scenarios else all_scen
+    unknown = [s for s in todo if s not in all_scen]
+    if unknown:
+        raise StageError(f"unknown scenario(s) {unknown}: known are {all_scen}", table="events", column="scenario", ds=ds)
+    out = scores_dir(cfg, ds, run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    schema = arrow_schema(cfg)
+    created = dt.datetime.now(dt.UTC)  # bookkeeping column only
+    rows: dict[str, int] = {}
+    users: dict[str, int] = {}
+    started = time.perf_counter()
+    for scenario in todo:
+        uni = universe(wh, cfg, ds, scenario)
+        people = active_users(wh, cfg, ds, scenario)
+        users[scenario] = len(people)
+        final = out / f"{scenario}.parquet"
+        tmp = out / f".{scenario}.parquet.tmp{os.getpid()}"
+        n = 0
+        bar = tqdm(total=len(people), desc=f"score {scenario}", unit="user", leave=False, mininterval=1.0)
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for frame in rank_scenario(cfg, wh, ds, uni, people, scorer, run_id=run_id, created_at=created,
+                                       on_chunk=lambda u, _p: bar.update(u)):
+                writer.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
+                n += len(frame)
+        bar.close()
+        os.replace(tmp, final)
+        rows[scenario] = n
+        log.info("score %s %s: %d users, %d items in the universe, %d rows", ds, scenario, len(people),
+                 len(uni.items), n)
+    _merge_success(out / SUCCESS_FILE, ds, run_id, label, rows)
+    seconds = time.perf_counter() - started
+    total_users = sum(users.values())
+    msg = (f"scored {total_users} user-scenario(s) with {label}: " + ", ".join(f"{s} {n} rows" for s, n in rows.items()))
+    return ScoreResult(stage="score", ds=ds, run_id=run_id, status=SUCCESS, message=msg, rows=rows, users=users,
+                       model_version=label, scores_dir=str(out),
+                       details={"rows": rows, "users": users, "model_version": label, "model": model,
+                                "seconds": round(seconds, 2),
+                                "users_per_second": round(total_users / max(seconds, 1e-9), 1)},
+                       artifacts={"scores": str(out)},
+                       warnings=[] if mv else [f"no champion{' as of ' + str(ds) if model == 'as-of' else ''}: "
+                                               f"recommendations ranked by popularity"])
+
+
+def run(cfg: MtrecConfig, ds: dt.date, *, run_id: str | None = None, wh: Warehouse | None = None,
+        scenarios: list[str] | None = None, model: str = "champion") -> ScoreResult:
+    """Rank every active user of each scenario with the model (champion | as-of | VERSION) and stage the top-K."""
+    run_id = run_id or new_run_id(ds)
+    with stage_warehouse(cfg, wh) as w:
+        return tracked("score", cfg, ds, run_id, w, _body, cfg, ds, run_id, w, scenarios, model)
