@@ -124,7 +124,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         bar = tqdm(total=len(people), desc=f"score {scenario}", unit="user", leave=False, mininterval=1.0)
         with pq.ParquetWriter(tmp, schema) as writer:
             for frame in rank_scenario(cfg, wh, ds, uni, people, scorer, run_id=run_id, created_at=created,
-                                       on_chunk=lambda u, _p: bar.update(u)):
+                                       on_chunk=lambda u, _p, bar=bar: bar.update(u)):
                 writer.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
                 n += len(frame)
         bar.close()
