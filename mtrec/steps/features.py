@@ -57,7 +57,7 @@ def _embed(cfg: MtrecConfig, wh: Warehouse, ds: dt.date) -> tuple[int, int]:
     return len(ids), cache.stats["misses"]
 
 
-def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse) -> FeaturesResult:
+def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, materialize: bool = True) -> FeaturesResult:
     A.ensure_tables(wh, cfg)
     daily, snaps = _days_to_compute(wh, cfg, ds)
     rows: dict[str, int] = {}
@@ -79,9 +79,11 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse) -> Features
     store.apply(FS.definitions(cfg, attrs))
     end = end_of_day(ds)
     start = end - dt.timedelta(days=1) - MATERIALIZE_OVERLAP
-    store.materialize(start_date=start, end_date=end)
+    if materialize:
+        store.materialize(start_date=start, end_date=end)
     msg = (f"{len(daily)} day(s) of aggregates, {len(snaps)} snapshot(s), {embedded} new title embedding(s) "
-           f"of {n_items} items; materialized {start:%Y-%m-%d %H:%M}..{end:%Y-%m-%d %H:%M} UTC")
+           f"of {n_items} items; " + (f"materialized {start:%Y-%m-%d %H:%M}..{end:%Y-%m-%d %H:%M} UTC" if materialize
+                                      else "online store left as is (backfill)"))
     return FeaturesResult(
         stage="features", ds=ds, run_id=run_id, message=msg, days_computed=[d.isoformat() for d in daily],
         items_embedded=embedded,
@@ -92,8 +94,12 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse) -> Features
         artifacts={"feast_registry": str(FS.feast_dir(cfg) / "registry.db")})
 
 
-def run(cfg: MtrecConfig, ds: dt.date, *, run_id: str | None = None, wh: Warehouse | None = None) -> FeaturesResult:
-    """Compute features as of the end of ds (and any earlier day not computed yet); idempotent."""
+def run(cfg: MtrecConfig, ds: dt.date, *, run_id: str | None = None, wh: Warehouse | None = None,
+        materialize: bool = True) -> FeaturesResult:
+    """Compute features as of the end of ds (and any earlier day not computed yet); idempotent.
+
+    `materialize=False` (backfills of past days) leaves the online store alone: it serves the latest values,
+    and batch scoring reads the offline store as of each date anyway."""
     run_id = run_id or new_run_id(ds)
     with stage_warehouse(cfg, wh) as w:
-        return tracked("features", cfg, ds, run_id, w, _body, cfg, ds, run_id, w)
+        return tracked("features", cfg, ds, run_id, w, _body, cfg, ds, run_id, w, materialize)

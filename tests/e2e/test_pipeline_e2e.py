@@ -86,11 +86,17 @@ def test_daily_pipeline_end_to_end_and_rerun(tmp_path, request, backend):
     wh = open_warehouse(cfg)
     try:
         stages = wh.query_df("SELECT stage, status FROM pipeline_runs WHERE run_id = :r", {"r": first.run_id})
-        champion = wh.scalar("SELECT count(*) FROM model_registry WHERE status = 'champion'")
+        champion = wh.query_df("SELECT version FROM model_registry WHERE status = 'champion'")
     finally:
         wh.close()
     assert set(stages["stage"]) >= {"validate", "features", "train", "evaluate", "score", "publish"}
-    assert champion == 1
+    decision = first.stages["evaluate"].decision
+    if decision == "blessed":  # the first candidate beat popularity: it is the champion and it scored
+        assert first.status == "success" and champion["version"].tolist() == [first.stages["train"].version]
+        assert set(df1["model_version"]) == {first.stages["train"].version}
+    else:  # gated: no champion yet, so the lists come from the popularity fallback, and the run says so
+        assert decision == "rejected" and first.status == "gated" and champion.empty
+        assert set(df1["model_version"]) == {"popularity"}
 
     second = run_pipeline(cfg, END, retrain="never")
     df2 = _partition(cfg, END)
