@@ -1,0 +1,172 @@
+"""The ranker, its trainer and its artifact, on in-memory tables with a planted signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from mtrec.config import load_config
+from mtrec.errors import ConfigError, ModelError
+from mtrec.models import ARCHITECTURES, build_model
+from mtrec.testing import toy_table
+from mtrec.training import RankerArtifact, evaluate_predictions, train_model
+from mtrec.training.encoding import FeatureEncoder, to_device
+from mtrec.training.metrics import auc, gauc, ranking_at_k
+from mtrec.training.trainer import make_spec
+
+
+def _cfg(tmp_path, **training):
+    return load_config(environ={}, overrides={"home": str(tmp_path), "training": {
+        "epochs": 3, "batch_size": 256, "warmup_steps": 5, "learning_rate": 5e-3, **training}})
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return toy_table(6000, seed=1), toy_table(3000, seed=2, day="2024-01-02")
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_split_forward_equals_full_forward(tmp_path, tables, name):
+    train, _ = tables
+    cfg = _cfg(tmp_path)
+    enc = FeatureEncoder.fit(train)
+    model = build_model(make_spec(cfg, enc, name)).eval()
+    tensors, text = enc.transform(train.subset(np.arange(len(train)) < 300), labels=False)
+    b = to_device(tensors, torch.device("cpu"))
+    with torch.no_grad():
+        full = model(b, text)
+        # user side for 300 rows, item side for 300 rows, then pairs gathered in another order
+        u, i = model.user_side(b, text), model.item_side(b, text)
+        order = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+        ug = {k: v[order] for k, v in u.items()}
+        ig = {k: v[order] for k, v in i.items()}
+        split = model.pair(ug, ig, b["scenario"][order], text)
+    assert set(full) == {"click", "like"}
+    for t in full:
+        assert torch.allclose(full[t][order], split[t], atol=1e-6), t
+        assert bool(((full[t] > 0) & (full[t] < 1)).all())
+    if name == "msmt":  # like is chained on click (ESMM): p(like) = p(click) * p(like | click)
+        assert bool((full["like"] <= full["click"] + 1e-7).all())
+
+
+@pytest.mark.parametrize("name", ["msmt", "mmoe"])
+def test_learns_the_signal_and_shuffled_labels_do_not(tmp_path, tables, name):
+    train, holdout = tables
+    cfg = _cfg(tmp_path)
+    good = train_model(cfg, train, holdout, model_name=name, progress=False)
+    p = good.artifact.predict(holdout)
+    y = holdout.frame["click"].to_numpy()
+    real_auc = roc_auc_score(y, p["click"])
+    assert real_auc > 0.72, real_auc
+    assert good.history[-1]["train_loss"] < good.history[0]["train_loss"]
+
+    shuffled = train.subset(np.ones(len(train), dtype=bool))
+    perm = np.random.default_rng(0).permutation(len(shuffled))
+    shuffled.frame[["click", "like"]] = shuffled.frame[["click", "like"]].to_numpy()[perm]
+    bad = train_model(cfg, shuffled, None, model_name=name, progress=False)
+    bad_auc = roc_auc_score(y, bad.artifact.predict(holdout)["click"])
+    assert bad_auc < real_auc - 0.1, (bad_auc, real_auc)
+
+
+def test_overfits_a_small_batch(tmp_path):
+    small = toy_table(256, seed=3)
+    cfg = _cfg(tmp_path, epochs=60, batch_size=256, warmup_steps=0, learning_rate=1e-2, min_id_count=1,
+               early_stopping_patience=100)
+    out = train_model(cfg, small, None, progress=False)
+    p = out.artifact.predict(small)
+    assert roc_auc_score(small.frame["click"], p["click"]) > 0.97
+    assert out.history[-1]["train_loss"] < 0.5 * out.history[0]["train_loss"]
+
+
+def test_artifact_roundtrip_hash_and_no_pickle(tmp_path, tables):
+    train, holdout = tables
+    out = train_model(_cfg(tmp_path, epochs=1), train, None, progress=False)
+    sha = out.artifact.save(tmp_path / "art")
+    files = sorted(p.name for p in (tmp_path / "art").iterdir())
+    assert files == ["SHA256", "metadata.json", "model.safetensors", "vocab.json"]
+    meta = json.loads((tmp_path / "art" / "metadata.json").read_text())
+    assert meta["model_name"] == "msmt" and meta["feature_service"] == "mtrec_ranker_v1"
+    assert meta["encoder"]["numeric"]["u_tenure_days"]["log"] is True
+    loaded = RankerArtifact.load(tmp_path / "art", expected_sha256=sha)
+    a, b = out.artifact.predict(holdout), loaded.predict(holdout)
+    for t in a:
+        np.testing.assert_allclose(a[t], b[t], rtol=1e-6)
+    with pytest.raises(ModelError, match="expects"):
+        RankerArtifact.load(tmp_path / "art", expected_sha256="0" * 64)
+    weights = tmp_path / "art" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="refusing"):
+        RankerArtifact.load(tmp_path / "art", expected_sha256=sha)
+
+
+def test_unseen_ids_scenarios_and_sparse_labels(tmp_path):
+    train = toy_table(3000, seed=4, like_missing=0.6)
+    cfg = _cfg(tmp_path, epochs=2, task_weighting="uncertainty")
+    out = train_model(cfg, train, None, progress=False)
+    assert np.isfinite(out.history[-1]["train_loss"])
+    cold = toy_table(500, seed=5, users=50, scenarios=("home", "brand_new"))
+    cold.frame["user_id"] = "never_seen_" + cold.frame["user_id"]
+    cold.frame.loc[:10, "user_id"] = None  # anonymous impressions
+    cold.frame["item_id"] = cold.frame["item_id"] + "_new"
+    cold.frame["i_category"] = "unheard_of"
+    cold.frame["u_tenure_days"] = np.nan
+    p = out.artifact.predict(cold)
+    for t in ("click", "like"):
+        assert np.isfinite(p[t]).all() and ((p[t] > 0) & (p[t] < 1)).all()
+
+
+def test_unknown_model_name_is_a_config_error(tmp_path, tables):
+    with pytest.raises(ConfigError, match="training.model"):
+        train_model(_cfg(tmp_path), tables[0], None, model_name="resnet", progress=False)
+
+
+def test_metrics_against_references():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    s = rng.random(500) + 0.3 * y
+    s[:50] = 0.5  # ties
+    assert auc(s, y) == pytest.approx(roc_auc_score(y, s))
+    users = np.repeat(np.arange(50), 10)
+    per_user = [roc_auc_score(y[users == k], s[users == k]) for k in range(50) if 0 < y[users == k].sum() < 10]
+    weights = [10 for k in range(50) if 0 < y[users == k].sum() < 10]
+    assert gauc(s, y, users) == pytest.approx(np.average(per_user, weights=weights))
+    # one group: positives ranked 1 and 3 of 4 -> DCG = 1 + 1/2, IDCG = 1 + 1/log2(3)
+    ndcg, recall = ranking_at_k(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0]), np.zeros(4), k=2)
+    assert ndcg == pytest.approx(1 / (1 + 1 / np.log2(3)))
+    assert recall == pytest.approx(0.5)
+
+
+def test_evaluate_predictions_slices(tables):
+    _, holdout = tables
+    m = evaluate_predictions(holdout, {"click": holdout.frame["click"].to_numpy() * 0.8 + 0.1,
+                                       "like": np.full(len(holdout), 0.1)}, ["click", "like"])
+    assert set(m) == {"home", "search", "__all__"}
+    assert m["home"]["click"]["auc"] == pytest.approx(1.0)
+    assert m["__all__"]["like"]["auc"] == pytest.approx(0.5)
+    assert m["__all__"]["click"]["n"] == len(holdout)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tmp_path):
+    """torchrun with 2 CPU processes (gloo): both ranks end with identical weights and the loss goes down."""
+    script = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["state_sha"] == r1["state_sha"]
+    assert r0["history"][-1]["train_loss"] < r0["history"][0]["train_loss"]
+    assert r0["holdout_auc"] > 0.7
