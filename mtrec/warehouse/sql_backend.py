@@ -46,6 +46,8 @@ class SQLWarehouse:
             self.engine = sa.create_engine(sa_url, connect_args=connect_args, pool_pre_ping=True)
             with self.engine.connect() as c:
                 if self.schema:
+                    if self.dialect == "postgresql":  # concurrent first opens race on pg_namespace
+                        c.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": f"schema {self.schema}"})
                     c.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {q(self.schema)}"))
                     c.commit()
         except Exception as e:  # noqa: BLE001 - any driver error means the warehouse is unreachable

@@ -287,9 +287,10 @@ def test_postgres_writer_killed_mid_write_leaves_old_partition(tmp_path: Path, p
     import psycopg
 
     cfg = make_cfg(tmp_path, postgres_url)
-    old = staged_frame(cfg, D, "home", 10_000, run_id="r-old")
-    stage(cfg, D, "r-old", {"home": old})
-    stage(cfg, D, "r-new", {"home": staged_frame(cfg, D, "home", 30_000, run_id="r-new", seed=1)})
+    # The COPY of 200k rows lasts long enough (> 0.5 s) to be caught; a stalled commit needs no volume.
+    users = 20_000 if mode == "during_copy" else 3000
+    stage(cfg, D, "r-old", {"home": staged_frame(cfg, D, "home", 5000, run_id="r-old")})
+    stage(cfg, D, "r-new", {"home": staged_frame(cfg, D, "home", users, run_id="r-new", seed=1)})
     wh = open_warehouse(cfg)
     try:
         publish.run(cfg, D, run_id="r-old", wh=wh)
@@ -309,7 +310,7 @@ def test_postgres_writer_killed_mid_write_leaves_old_partition(tmp_path: Path, p
             _wait_for(lambda: backend("state = 'active' AND query LIKE 'COPY %%'"), proc, 60, "the COPY")
         else:
             _wait_for(marker.exists, proc, 60, "the stalled commit")
-            assert marker.read_text() == "300000"  # the writer's transaction holds the whole new partition
+            assert marker.read_text() == "30000"  # the writer's transaction holds the whole new partition
             assert backend("state = 'idle in transaction'")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -321,16 +322,17 @@ def test_postgres_writer_killed_mid_write_leaves_old_partition(tmp_path: Path, p
     wh = open_warehouse(cfg)
     try:
         pd.testing.assert_frame_equal(everything(wh, cfg), before)
-        assert publish.run(cfg, D, run_id="r-new", wh=wh).rows == {"home": 300_000}  # no lock left behind
+        assert publish.run(cfg, D, run_id="r-new", wh=wh).rows == {"home": users * 10}  # no lock left behind
     finally:
         wh.close()
 
 
 def test_duckdb_writer_killed_before_commit_leaves_old_partition(tmp_path: Path, duck: MtrecConfig) -> None:
     cfg = duck
-    stage(cfg, D, "r-old", {"home": staged_frame(cfg, D, "home", 15_000, run_id="r-old"),
+    stage(cfg, D, "r-old", {"home": staged_frame(cfg, D, "home", 5000, run_id="r-old"),
                             "video": staged_frame(cfg, D, "video", 1000, run_id="r-old", seed=2)})
-    new = {"home": staged_frame(cfg, D, "home", 20_000, run_id="r-new", seed=1),
+    # 130k rows: more than one DuckDB row group, so part of the new rows reach the file before the commit.
+    new = {"home": staged_frame(cfg, D, "home", 13_000, run_id="r-new", seed=1),
            "video": staged_frame(cfg, D, "video", 800, run_id="r-new", seed=3)}
     stage(cfg, D, "r-new", new)
     wh = open_warehouse(cfg)
@@ -342,13 +344,13 @@ def test_duckdb_writer_killed_before_commit_leaves_old_partition(tmp_path: Path,
     marker = tmp_path / "in-transaction"
     proc = _start_writer(cfg, cfg.resolved_warehouse_url, "r-new", marker, "before_commit")
     _wait_for(marker.exists, proc, 60, "the stalled commit")
-    assert marker.read_text() == "200000"
+    assert marker.read_text() == "130000"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     wh = open_warehouse(cfg)
     try:
         pd.testing.assert_frame_equal(everything(wh, cfg), before)
-        assert publish.run(cfg, D, run_id="r-new", wh=wh).rows == {"home": 200_000, "video": 8000}
+        assert publish.run(cfg, D, run_id="r-new", wh=wh).rows == {"home": 130_000, "video": 8000}
         pd.testing.assert_frame_equal(everything(wh, cfg), canon(pd.concat(new.values()), cfg))
     finally:
         wh.close()
