@@ -114,6 +114,8 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     rows: dict[str, int] = {}
     users: dict[str, int] = {}
     started = time.perf_counter()
+    counts: list[int] = []  # scored pairs per user chunk
+    pairs_total = 0
     for scenario in todo:
         uni = universe(wh, cfg, ds, scenario)
         people = active_users(wh, cfg, ds, scenario)
@@ -121,15 +123,18 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         final = out / f"{scenario}.parquet"
         tmp = out / f".{scenario}.parquet.tmp{os.getpid()}"
         n = 0
+        pairs_before = pairs_total
         bar = tqdm(total=len(people), desc=f"score {scenario}", unit="user", leave=False, mininterval=1.0)
         with pq.ParquetWriter(tmp, schema) as writer:
             for frame in rank_scenario(cfg, wh, ds, uni, people, scorer, run_id=run_id, created_at=created,
-                                       on_chunk=lambda u, _p, bar=bar: bar.update(u)):
+                                       on_chunk=lambda u, p, bar=bar: (bar.update(u), counts.append(p))):
                 writer.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
                 n += len(frame)
         bar.close()
         os.replace(tmp, final)
         rows[scenario] = n
+        pairs_total = sum(counts)
+        log.debug("score %s %s: %d pairs", ds, scenario, pairs_total - pairs_before)
         log.info("score %s %s: %d users, %d items in the universe, %d rows", ds, scenario, len(people),
                  len(uni.items), n)
     _merge_success(out / SUCCESS_FILE, ds, run_id, label, rows)
@@ -139,7 +144,8 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     return ScoreResult(stage="score", ds=ds, run_id=run_id, status=SUCCESS, message=msg, rows=rows, users=users,
                        model_version=label, scores_dir=str(out),
                        details={"rows": rows, "users": users, "model_version": label, "model": model,
-                                "seconds": round(seconds, 2),
+                                "seconds": round(seconds, 2), "pairs": pairs_total,
+                                "pairs_per_second": round(pairs_total / max(seconds, 1e-9), 1),
                                 "users_per_second": round(total_users / max(seconds, 1e-9), 1)},
                        artifacts={"scores": str(out)},
                        warnings=[] if mv else [f"no champion{' as of ' + str(ds) if model == 'as-of' else ''}: "
