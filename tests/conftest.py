@@ -75,3 +75,21 @@ def warehouse_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "duckdb":
         return f"duckdb:///{tmp_path / 'wh.duckdb'}"
     return request.getfixturevalue("postgres_url")
+
+
+# DuckDB's Python bindings (nanobind) print pages of "leaked instance" noise when the interpreter tears down
+# after connections were used from many threads. The results are already reported by then: leave quietly.
+_EXIT: dict[str, int] = {}
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    _EXIT["status"] = int(exitstatus)
+
+
+def pytest_unconfigure(config) -> None:
+    if "status" in _EXIT and os.environ.get("MTREC_TEST_QUIET_EXIT", "1") == "1":
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT["status"])

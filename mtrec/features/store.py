@@ -70,6 +70,53 @@ def attributes(cfg: MtrecConfig, wh: Warehouse) -> Attributes:
     return Attributes(uc, un, ic, inum)
 
 
+def postgres_settings(cfg: MtrecConfig) -> dict | None:
+    """Feast's PostgreSQL offline-store settings when the warehouse is PostgreSQL, else None (DuckDB)."""
+    from urllib.parse import parse_qsl, unquote
+
+    url = cfg.resolved_warehouse_url
+    u = urlsplit(url)
+    if u.scheme.split("+")[0] not in ("postgresql", "postgres"):
+        return None
+    query = dict(parse_qsl(u.query))
+    return {"type": "postgres", "host": u.hostname or "localhost", "port": u.port or 5432,
+            "database": (u.path or "/postgres").lstrip("/") or "postgres", "db_schema": query.get("schema", "public"),
+            "user": unquote(u.username or "postgres"), "password": unquote(u.password or ""),
+            "sslmode": query.get("sslmode", "prefer")}
+
+
+def _pg_query(pg: dict, table: str, columns: list[tuple[str, str, str | None]]) -> str:
+    """SELECT of (column, alias, cast) from a schema-qualified warehouse table, for a PostgreSQLSource."""
+    cols = ", ".join(f"CAST({q(c)} AS {cast}) AS {q(a)}" if cast else (q(c) if c == a else f"{q(c)} AS {q(a)}")
+                     for c, a, cast in columns)
+    return f"SELECT {cols} FROM {q(pg['db_schema'])}.{q(table)}"
+
+
+EMBEDDINGS_TABLE = "item_text_embeddings"
+
+
+def ensure_embeddings_table(wh: Warehouse) -> None:
+    wh.execute(f"CREATE TABLE IF NOT EXISTS {q(EMBEDDINGS_TABLE)} (item_id TEXT PRIMARY KEY, "
+               f"event_timestamp TIMESTAMPTZ NOT NULL, title_embedding REAL[] NOT NULL, title_missing BOOLEAN)")
+
+
+def store_embeddings_table(wh: Warehouse, item_ids: list[str], vectors: np.ndarray, missing: np.ndarray,
+                           ts: dt.datetime) -> None:
+    """PostgreSQL offline store: the title embeddings as a real[] table (replaced in one transaction)."""
+    with wh.transaction():
+        ensure_embeddings_table(wh)
+        wh.execute(f"DELETE FROM {q(EMBEDDINGS_TABLE)}")
+        if item_ids:
+            df = pd.DataFrame({"item_id": item_ids, "event_timestamp": ts,
+                               "title_embedding": ["{" + ",".join(f"{x:.7g}" for x in v) + "}" for v in vectors],
+                               "title_missing": missing.astype(bool)})
+            wh.execute("CREATE TEMP TABLE mtrec_emb_load (item_id TEXT, event_timestamp TIMESTAMPTZ, "
+                       "title_embedding TEXT, title_missing BOOLEAN) ON COMMIT DROP")
+            wh.insert_df("mtrec_emb_load", df)
+            wh.execute(f"INSERT INTO {q(EMBEDDINGS_TABLE)} SELECT item_id, event_timestamp, "
+                       f"CAST(title_embedding AS REAL[]), title_missing FROM mtrec_emb_load")
+
+
 def feast_dir(cfg: MtrecConfig) -> Path:
     return (cfg.home / "feast").resolve()
 
@@ -148,6 +195,7 @@ def definitions(cfg: MtrecConfig, attrs: Attributes) -> list:
     from feast.types import Array, Bool, Float32, Float64, String
 
     d = data_dir(cfg)
+    pg = postgres_settings(cfg)
     tags = {"team": "mtrec"}
     user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING,
                   description="A user (anonymous and unseen users get no rows)", owner=OWNER, tags=tags)
@@ -156,11 +204,35 @@ def definitions(cfg: MtrecConfig, attrs: Attributes) -> list:
     scenario = Entity(name="scenario", join_keys=["scenario"], value_type=ValueType.STRING,
                       description="Where the recommendation is shown", owner=OWNER, tags=tags)
 
-    def source(name: str, ts: str) -> FileSource:
+    p = attrs.prefixed()
+    pg_columns = {
+        USER_ATTRS: (S.USERS, [("user_id", "user_id", None), ("updated_at", "updated_at", None)]
+                     + [(c, f"u_{c}", "TEXT") for c in attrs.user_categorical]
+                     + [(c, f"u_{c}", "DOUBLE PRECISION") for c in attrs.user_numeric]),
+        ITEM_ATTRS: (S.ITEMS, [("item_id", "item_id", None), ("updated_at", "updated_at", None)]
+                     + [(c, f"i_{c}", "TEXT") for c in attrs.item_categorical]
+                     + [(c, f"i_{c}", "DOUBLE PRECISION") for c in attrs.item_numeric]),
+        A.USER_SCENARIO_FEATURES: (A.USER_SCENARIO_FEATURES, [(c, c, None) for c in (
+            "user_id", "scenario", A.FEATURE_TIMESTAMP, *A.user_feature_columns(cfg))]),
+        A.ITEM_SCENARIO_FEATURES: (A.ITEM_SCENARIO_FEATURES, [(c, c, None) for c in (
+            "item_id", "scenario", A.FEATURE_TIMESTAMP, *A.item_feature_columns(cfg))]),
+        ITEM_TEXT: (EMBEDDINGS_TABLE, [(c, c, None) for c in (
+            "item_id", "event_timestamp", "title_embedding", "title_missing")]),
+    }
+
+    def source(name: str, ts: str):
+        """The warehouse itself: PostgreSQL tables when it is PostgreSQL, else its Parquet exports (DuckDB)."""
+        if pg is not None:
+            from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
+                PostgreSQLSource,
+            )
+
+            table, cols = pg_columns[name]
+            return PostgreSQLSource(name=f"{name}_source", query=_pg_query(pg, table, cols), timestamp_field=ts,
+                                    description=f"warehouse table {table}", owner=OWNER, tags=tags)
         return FileSource(name=f"{name}_source", path=str(d / name / "*.parquet"), file_format=ParquetFormat(),
                           timestamp_field=ts, description=f"warehouse export of {name}", owner=OWNER, tags=tags)
 
-    p = attrs.prefixed()
     user_attrs = FeatureView(
         name=USER_ATTRS, entities=[user], ttl=ATTRIBUTE_TTL, source=source(USER_ATTRS, "updated_at"),
         schema=[Field(name=c, dtype=String) for c in p["user_categorical"]]
@@ -214,7 +286,8 @@ def feature_store(cfg: MtrecConfig):
     root.mkdir(parents=True, exist_ok=True)
     config = RepoConfig(
         project=cfg.features.feast_project, provider="local", registry=str(root / "registry.db"),
-        online_store=_online_store(cfg), offline_store={"type": "duckdb"}, entity_key_serialization_version=3,
+        online_store=_online_store(cfg), offline_store=postgres_settings(cfg) or {"type": "duckdb"},
+        entity_key_serialization_version=3,
         repo_path=str(root))
     return FeatureStore(config=config)
 

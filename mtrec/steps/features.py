@@ -54,6 +54,8 @@ def _embed(cfg: MtrecConfig, wh: Warehouse, ds: dt.date) -> tuple[int, int]:
     cache = EmbeddingCache(cfg.home / "cache" / "embeddings", enc)
     ids, vectors, missing = embed_items(items, cache)
     FS.export_embeddings(cfg, ids, vectors, missing, end_of_day(ds))
+    if FS.postgres_settings(cfg) is not None:  # the PostgreSQL offline store reads them from the warehouse
+        FS.store_embeddings_table(wh, ids, vectors, missing, end_of_day(ds))
     return len(ids), cache.stats["misses"]
 
 
@@ -75,6 +77,8 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, materialize
     attrs = FS.attributes(cfg, wh)
     exported = FS.export_attributes(cfg, wh, attrs)
     n_items, embedded = _embed(cfg, wh, ds) if cfg.text_encoder.enabled else (0, 0)
+    if FS.postgres_settings(cfg) is not None:
+        FS.ensure_embeddings_table(wh)
     store = FS.feature_store(cfg)
     store.apply(FS.definitions(cfg, attrs))
     end = end_of_day(ds)

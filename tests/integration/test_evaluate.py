@@ -23,7 +23,6 @@ pytest.importorskip("mtrec.data.synthetic", reason="the synthetic generator has 
 def _shuffled_label_model(cfg, wh, seed: int):
     """A model trained on the right features but labels permuted across rows (all tasks together)."""
     from mtrec.features.training_set import build_training_set
-
     from mtrec.steps.train import windows
     from mtrec.training import train_model
 
