@@ -45,6 +45,10 @@ class ModelSpec:
     n_shared_experts: int = 2
     n_task_experts: int = 1
     n_mmoe_experts: int = 4
+    # msmt only: [position in the side's numeric vector, mean, std] of each smoothed-rate column, so the
+    # wide part can see log-odds of the un-normalized rates (a popularity score enters on its own scale)
+    user_rates: list[list[float]] = field(default_factory=list)
+    item_rates: list[list[float]] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -148,6 +152,23 @@ class Ranker(nn.Module):
         return out
 
 
+class _RateLogOdds(nn.Module):
+    """Log-odds of smoothed-rate features, recovered from their normalized values (z * std + mean)."""
+
+    def __init__(self, rates: list[list[float]]) -> None:
+        super().__init__()
+        r = torch.tensor(rates, dtype=torch.float32).reshape(-1, 3)
+        self.register_buffer("pos", r[:, 0].long(), persistent=False)
+        self.register_buffer("mean", r[:, 1], persistent=False)
+        self.register_buffer("std", r[:, 2], persistent=False)
+
+    def forward(self, num: torch.Tensor) -> torch.Tensor:
+        if not len(self.pos):
+            return num[:, :0]
+        p = (num[:, self.pos] * self.std + self.mean).clamp(1e-4, 1 - 1e-4)
+        return torch.log(p) - torch.log1p(-p)
+
+
 class MSMT(Ranker):
     """Multi-scenario multi-task ranker: target attention over the behaviour sequence, a scenario-conditioned
     input gate, a PLE extraction layer with scenario-aware gates, one tower per task, a wide linear part over
@@ -162,14 +183,24 @@ class MSMT(Ranker):
         self.ple = ExtractionLayer(self.in_dim, h[0], len(spec.tasks), spec.n_shared_experts,
                                    spec.n_task_experts, d, spec.dropout)
         self.towers = nn.ModuleList([mlp([h[0], *h[1:], 1], spec.dropout, last_activation=False) for _ in spec.tasks])
-        self.wide = nn.Linear(spec.user_num + spec.item_num, len(spec.tasks))
+        self.user_rates = _RateLogOdds(spec.user_rates)
+        self.item_rates = _RateLogOdds(spec.item_rates)
+        n_wide = spec.user_num + spec.item_num + len(spec.user_rates) + len(spec.item_rates)
+        self.wide = nn.Linear(n_wide, len(spec.tasks))
+        nn.init.zeros_(self.wide.weight)  # no direction before data: an untrained model ranks at random, not inverted
         self.scenario_bias = nn.Embedding(spec.n_scenarios, len(spec.tasks))
         nn.init.zeros_(self.scenario_bias.weight)
 
     def user_side(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> dict[str, torch.Tensor]:
         u = super().user_side(b, text)
         u["seq_k"] = self.attention.project_keys(u["seq"])
+        u["wide"] = torch.cat([b["user_num"], self.user_rates(b["user_num"])], dim=1)
         return u
+
+    def item_side(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> dict[str, torch.Tensor]:
+        i = super().item_side(b, text)
+        i["wide"] = torch.cat([b["item_num"], self.item_rates(b["item_num"])], dim=1)
+        return i
 
     def pooled(self, u: dict, i: dict) -> torch.Tensor:
         if not u["seq"].shape[1]:
@@ -180,9 +211,7 @@ class MSMT(Ranker):
         x, s = self.features(u, i, scenario)
         x = self.gate(x, s)
         hidden = self.ple(x, s)
-        num = torch.cat([u["u"][:, u["u"].shape[1] - self.spec.user_num:],
-                         i["i"][:, i["i"].shape[1] - self.spec.item_num:]], dim=1)
-        wide = self.wide(num) + self.scenario_bias(scenario)
+        wide = self.wide(torch.cat([u["wide"], i["wide"]], dim=1)) + self.scenario_bias(scenario)
         logits = [tower(hk) + wide[:, t:t + 1] for t, (tower, hk) in enumerate(zip(self.towers, hidden, strict=True))]
         return self._probs(logits, chain=True)
 

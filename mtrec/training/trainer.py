@@ -119,7 +119,19 @@ def make_spec(cfg: MtrecConfig, encoder: FeatureEncoder, name: str) -> ModelSpec
         item_cat=[encoder.cardinality(c) for c in encoder.item_categorical],
         user_num=encoder.numeric_width("user"), item_num=encoder.numeric_width("item"),
         text_dim=encoder.text_dim, sequence_length=encoder.sequence_length,
-        embedding_dim=t.embedding_dim, hidden_dims=list(t.hidden_dims))
+        embedding_dim=t.embedding_dim, hidden_dims=list(t.hidden_dims),
+        user_rates=_rate_columns(encoder, encoder.user_numeric), item_rates=_rate_columns(encoder, encoder.item_numeric))
+
+
+def _rate_columns(encoder: FeatureEncoder, columns: list[str]) -> list[list[float]]:
+    """[position in the encoded numeric block, mean, std] of every smoothed-rate column (values in [0, 1])."""
+    out, pos = [], 0
+    for c in columns:
+        st = encoder.numeric[c]
+        if "_rate_" in c and not st.log:
+            out.append([float(pos), st.mean, st.std])
+        pos += 1 + int(st.has_missing)
+    return out
 
 
 def _shard(perm: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -182,7 +194,9 @@ def train_model(cfg: MtrecConfig, table, valid=None, *, init_from: RankerArtifac
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     n = len(labels)
     steps_per_epoch = math.ceil(math.ceil(n / world) / t.batch_size)
-    scheduler = _schedule(optimizer, t.warmup_steps, steps_per_epoch * t.epochs)
+    total_steps = steps_per_epoch * t.epochs
+    # small runs (tests, incremental updates) must not spend their whole budget warming up
+    scheduler = _schedule(optimizer, min(t.warmup_steps, total_steps // 5), total_steps)
     autocast = device.type == "cuda"
 
     history: list[dict[str, Any]] = []
