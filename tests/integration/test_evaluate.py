@@ -38,11 +38,12 @@ def _shuffled_label_model(cfg, wh, seed: int):
 def test_buggy_champion_replaced_shuffled_candidate_gated_and_rollback(cfg, tmp_path):
     from mtrec.data.generate import generate_into_warehouse
     from mtrec.registry import ARCHIVED, CHAMPION, REJECTED, ModelRegistry
-    from mtrec.steps import evaluate, train
+    from mtrec.steps import evaluate, features, train
 
     cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"train_days": 5, "epochs": 2}),
                                  "gate": cfg.gate.model_copy(update={"min_positives": 20})})
     generate_into_warehouse(cfg, users=300, items=150, days=7, end_date=END, seed=5, progress=False)
+    features.run(cfg, END)  # the training sets read through the Feast feature service
     wh = open_warehouse(cfg)
     try:
         ensure_contract_tables(wh, cfg)
