@@ -117,7 +117,11 @@ def stage_warehouse(cfg: MtrecConfig, wh: Warehouse | None) -> Iterator[Warehous
 
 def tracked(stage: str, cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, fn, *args: Any,
             **kwargs: Any) -> StageResult:
-    """Run a stage body, then record it in pipeline_runs and the manifest, failed or not."""
+    """Run a stage body, then record it in pipeline_runs and the manifest, failed or not.
+
+    Under torchrun only rank 0 keeps the books (the other ranks run the same body)."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        return fn(*args, **kwargs)
     started = time.time()
     try:
         result = fn(*args, **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from dataclasses import dataclass, field
 
 from mtrec.config import MtrecConfig
@@ -104,6 +105,10 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, policy: str
         is_valid = (table.frame["ds"] == days[-1]).to_numpy()
         valid, table = table.subset(is_valid), table.subset(~is_valid)
     outcome = train_model(cfg, table, valid, init_from=init_from)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:  # under torchrun every rank trains the same weights; rank 0 alone registers them
+        return TrainResult(stage="train", ds=ds, run_id=run_id, status=SKIPPED, mode=mode,
+                           message=f"rank {rank}: trained with DDP; rank 0 registers the candidate")
     artifact = outcome.artifact
     artifact.metadata["train_window"] = [start.isoformat(), w.train_end.isoformat()]
     artifact.metadata["train_mode"] = mode
