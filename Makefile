@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mtrec-installed
 UV_VERSION := 0.13.9
 
-.PHONY: demo test test-fast bench lint install clean
+.PHONY: demo test test-fast bench lint install clean compile-pipeline k8s-check
 
 install: $(STAMP)
 
@@ -33,6 +33,12 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+compile-pipeline: $(STAMP)
+	$(BIN)/python components/pipeline.py
+
+k8s-check: $(STAMP)
+	for o in k8s/overlays/dev k8s/overlays/prod; do kubectl kustomize $$o | $(BIN)/kubernetes-validate -k 1.32 --strict - || exit 1; done
 
 clean:
 	rm -rf .mtrec .pytest_cache
