@@ -30,7 +30,7 @@ MASK_CELLS = 20_000_000  # user chunk x universe cells kept in memory at once
 
 
 class Scorer:
-    """Probabilities per (user, item) pair of a scenario. Subclasses: the registry model and popularity."""
+    """Probabilities on a grid of candidates: users of a chunk x their (padded) candidate items."""
 
     version: str
     tasks: list[str]
@@ -41,9 +41,21 @@ class Scorer:
     def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def pairs(self, u: dict, i: dict, u_idx: torch.Tensor, i_idx: torch.Tensor,
-              scenario: torch.Tensor) -> dict[str, torch.Tensor]:
+    def grid(self, u: dict, i: dict, rows: slice, cand: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{task: [len(rows), C]} for users u[rows] and candidate item indices cand [len(rows), C]."""
         raise NotImplementedError
+
+
+def model_grid(model, u: dict, i: dict, scenario: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    """u per user [B, ...], i per candidate [B, C, ...]. Models with a `grid` method score the grid without
+    copying user-side tensors per candidate (msmt); others get the rows expanded and call `pair`."""
+    if hasattr(model, "grid"):
+        return model.grid(u, i, scenario, text)
+    B, C = next(iter(i.values())).shape[:2]
+    ue = {k: v.unsqueeze(1).expand(B, C, *v.shape[1:]).reshape(B * C, *v.shape[1:]) for k, v in u.items()}
+    ie = {k: v.reshape(B * C, *v.shape[2:]) for k, v in i.items()}
+    out = model.pair(ue, ie, scenario.repeat_interleave(C), text)
+    return {t: p.view(B, C) for t, p in out.items()}
 
 
 class ModelScorer(Scorer):
@@ -70,10 +82,11 @@ class ModelScorer(Scorer):
         return self.art.model.item_side(b, self._text)
 
     @torch.no_grad()
-    def pairs(self, u, i, u_idx, i_idx, scenario):
-        ug = {k: v[u_idx] for k, v in u.items() if not k.startswith("_")}
-        ig = {k: v[i_idx] for k, v in i.items()}
-        return self.art.model.pair(ug, ig, scenario, self._text)
+    def grid(self, u, i, rows, cand):
+        ug = {k: v[rows] for k, v in u.items() if not k.startswith("_")}
+        c = cand.to(self.device)
+        ig = {k: v[c] for k, v in i.items()}
+        return model_grid(self.art.model, ug, ig, u["_scenario"][rows], self._text)
 
 
 class PopularityScorer(Scorer):
@@ -90,8 +103,8 @@ class PopularityScorer(Scorer):
     def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
         return {t: torch.from_numpy(uni.rates[t].astype(np.float32)) for t in self.tasks}
 
-    def pairs(self, u, i, u_idx, i_idx, scenario):
-        return {t: i[t][i_idx] for t in self.tasks}
+    def grid(self, u, i, rows, cand):
+        return {t: i[t][cand] for t in self.tasks}
 
 
 @dataclass
@@ -131,33 +144,40 @@ def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, u
         u_side = scorer.users(user_table)
         seq = user_table.sequences if user_table.sequences is not None else np.zeros((len(ids), 0), dtype=object)
         mask = candidate_mask(cfg, uni, seq, vectors, has_vector)
-        u_idx, i_idx = mask.nonzero(as_tuple=True)
-        scen = (u_side.get("_scenario") if u_side else None)
-        scores = torch.full((len(ids), n_items), float("-inf"))
-        for p in range(0, len(u_idx), PAIR_CHUNK):
-            uu, ii = u_idx[p:p + PAIR_CHUNK], i_idx[p:p + PAIR_CHUNK]
-            s_idx = scen[uu] if scen is not None else torch.zeros(len(uu), dtype=torch.long)
-            probs = scorer.pairs(u_side, i_side, uu, ii, s_idx)
-            scores[uu, ii] = _fuse(probs, weights).cpu()
-        kk = min(k, n_items)
-        top_s, top_i = torch.topk(scores, kk, dim=1)
+        # padded candidate grid [U, C]: each user's candidates first (item order), then -1
+        counts = mask.sum(1)
+        width = max(int(counts.max()) if len(counts) else 0, 1)
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)
+        cand = torch.where(valid, order, torch.zeros_like(order))
+        scores = torch.full((len(ids), width), float("-inf"))
+        probs = {t: torch.zeros((len(ids), width)) for t in scorer.tasks}
+        step = max(1, PAIR_CHUNK // width)
+        for r in range(0, len(ids), step):
+            rows = slice(r, min(r + step, len(ids)))
+            p = scorer.grid(u_side, i_side, rows, cand[rows])
+            for t in scorer.tasks:
+                probs[t][rows] = p[t].float().cpu()
+            fused = _fuse(p, weights).cpu()
+            scores[rows] = torch.where(valid[rows], fused, scores[rows])
+        kk = min(k, width)
+        top_s, top_c = torch.topk(scores, kk, dim=1)
         keep = torch.isfinite(top_s)
-        rows_u = torch.arange(len(ids)).unsqueeze(1).expand_as(top_i)[keep]
-        rows_i = top_i[keep]
-        ranks = (torch.arange(kk) + 1).unsqueeze(0).expand_as(top_i)[keep]
-        s_idx = scen[rows_u] if scen is not None else torch.zeros(len(rows_u), dtype=torch.long)
-        probs = scorer.pairs(u_side, i_side, rows_u, rows_i, s_idx)
+        rows_u = torch.arange(len(ids)).unsqueeze(1).expand_as(top_c)[keep]
+        cols = top_c[keep]
+        ranks = (torch.arange(kk) + 1).unsqueeze(0).expand_as(top_c)[keep]
         frame = pd.DataFrame({
             "ds": ds, "scenario": uni.scenario, "user_id": np.asarray(ids, dtype=object)[rows_u.numpy()],
-            "rank": ranks.numpy().astype(np.int64), "item_id": np.asarray(uni.items, dtype=object)[rows_i.numpy()],
+            "rank": ranks.numpy().astype(np.int64),
+            "item_id": np.asarray(uni.items, dtype=object)[cand[rows_u, cols].numpy()],
             "score": top_s[keep].numpy().astype(np.float64)})
         for t in cfg.task_names:
-            frame[S.prob_column(t)] = probs[t].float().cpu().numpy().astype(np.float64) if t in probs else np.nan
+            frame[S.prob_column(t)] = probs[t][rows_u, cols].numpy().astype(np.float64) if t in probs else np.nan
         frame["model_version"] = scorer.version
         frame["run_id"] = run_id
         frame["created_at"] = pd.Timestamp(created_at)
         if on_chunk:
-            on_chunk(len(ids), int(len(u_idx)))
+            on_chunk(len(ids), int(counts.sum()))
         yield frame
 
 
