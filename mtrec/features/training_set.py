@@ -106,32 +106,51 @@ def load_item_embeddings(cfg: MtrecConfig, wh: Warehouse | None = None,
                           encoder_id=cfg.text_encoder.name_or_path)
 
 
-def _assemble(cfg: MtrecConfig, wh: Warehouse, rows: pd.DataFrame) -> FeatureTable:
-    """Join user- and item-side features (as of each row's feature_time), sequences and embeddings onto rows."""
-    store = FS.feature_store(cfg)
+def _assemble(cfg: MtrecConfig, wh: Warehouse, rows: pd.DataFrame, *, sides: tuple[str, ...] = ("user", "item"),
+              prefetched: dict[str, pd.DataFrame] | None = None, store=None) -> FeatureTable:
+    """Join user- and item-side features (as of each row's feature_time), sequences and embeddings onto rows.
+
+    `sides` limits retrieval to one side (scoring builds user rows and item rows separately); `prefetched`
+    holds a side's retrieval result already fetched for a superset of the keys (one Feast call per scenario
+    instead of one per user chunk). Behaviour sequences are built when the user side is requested."""
+    store = store or FS.feature_store(cfg)
     attrs = FS.attributes(cfg, wh).prefixed()
     rows = rows.reset_index(drop=True)
     rows["user_id"] = rows["user_id"].fillna("")
-    user = _side_features(cfg, store, rows, "user")
-    item = _side_features(cfg, store, rows, "item")
-    frame = rows.merge(user, on=["user_id", "scenario", "feature_time"], how="left", validate="many_to_one")
-    frame = frame.merge(item, on=["item_id", "scenario", "feature_time"], how="left", validate="many_to_one")
+    frame = rows
+    keys = {"user": ["user_id", "scenario", "feature_time"], "item": ["item_id", "scenario", "feature_time"]}
+    for side in sides:
+        got = (prefetched or {}).get(side)
+        if got is None:
+            got = _side_features(cfg, store, rows, side)
+        frame = frame.merge(got, on=keys[side], how="left", validate="many_to_one")
     user_num = attrs["user_numeric"] + [c.split(":")[1] for c in FS.service_features(store, "user")
                                          if c.startswith(FS.USER_ENGAGEMENT + ":")]
     item_num = attrs["item_numeric"] + [c.split(":")[1] for c in FS.service_features(store, "item")
                                          if c.startswith(FS.ITEM_STATS + ":")]
     for c in user_num + item_num:
+        if c not in frame.columns:
+            continue
         frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("float64")
         if c.startswith(COUNT_PREFIXES):
             frame[c] = frame[c].fillna(0.0)  # no snapshot row = no impressions in the window
     for c in attrs["user_categorical"] + attrs["item_categorical"]:
-        frame[c] = frame[c].astype(object).where(frame[c].notna(), None)
-    seq = sequences_for(wh, cfg, frame[["user_id", "feature_time"]].rename(columns={"feature_time": "cutoff"}))
+        if c in frame.columns:
+            frame[c] = frame[c].astype(object).where(frame[c].notna(), None)
+    seq = sequences_for(wh, cfg, frame[["user_id", "feature_time"]].rename(columns={"feature_time": "cutoff"})) \
+        if "user" in sides else None
     return FeatureTable(
         frame=frame, tasks=cfg.task_names,
         user_categorical=attrs["user_categorical"], user_numeric=user_num,
         item_categorical=attrs["item_categorical"], item_numeric=item_num,
         sequences=seq, item_embeddings=load_item_embeddings(cfg, wh), feature_service=FS.FEATURE_SERVICE)
+
+
+def retrieve_side(cfg: MtrecConfig, ds: dt.date, side: str, ids: list[str], scenario: str, store=None) -> pd.DataFrame:
+    """One Feast retrieval of a side's features as of the end of ds for many ids (scoring prefetch)."""
+    key = "user_id" if side == "user" else "item_id"
+    rows = pd.DataFrame({key: ids, "scenario": scenario, "feature_time": pd.Timestamp(end_of_day(ds))})
+    return _side_features(cfg, store or FS.feature_store(cfg), rows, side)
 
 
 def build_training_set(cfg: MtrecConfig, wh: Warehouse, start: dt.date, end: dt.date, *,
@@ -148,9 +167,11 @@ def build_training_set(cfg: MtrecConfig, wh: Warehouse, start: dt.date, end: dt.
     return _assemble(cfg, wh, rows)
 
 
-def build_scoring_table(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, pairs: pd.DataFrame) -> FeatureTable:
+def build_scoring_table(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, pairs: pd.DataFrame, *,
+                        sides: tuple[str, ...] = ("user", "item"), prefetched: dict[str, pd.DataFrame] | None = None,
+                        store=None) -> FeatureTable:
     """(user_id, scenario, item_id) candidate pairs with features as of the end of ds (no labels)."""
     rows = pairs[["user_id", "scenario", "item_id"]].copy()
     rows["ds"] = ds
     rows["feature_time"] = pd.Timestamp(end_of_day(ds))
-    return _assemble(cfg, wh, rows)
+    return _assemble(cfg, wh, rows, sides=sides, prefetched=prefetched, store=store)

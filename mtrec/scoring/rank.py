@@ -132,15 +132,22 @@ def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, u
     n_items = len(uni.items)
     if not users or not n_items:
         return
+    from mtrec.features import store as FS
+    from mtrec.features.training_set import retrieve_side
+
+    store = FS.feature_store(cfg)
     item_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
-        {"user_id": "", "scenario": uni.scenario, "item_id": uni.items}))
+        {"user_id": "", "scenario": uni.scenario, "item_id": uni.items}), sides=("item",), store=store)
+    # one retrieval of the user side for every user of the scenario; chunks only build their sequences
+    user_features = retrieve_side(cfg, ds, "user", users, uni.scenario, store=store)
     i_side = scorer.items(item_table, uni)
     vectors, has_vector = item_vectors(cfg, uni.items)
     chunk = max(16, min(cfg.scoring.batch_users, MASK_CELLS // max(n_items, 1)))
     for start in range(0, len(users), chunk):
         ids = users[start:start + chunk]
         user_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
-            {"user_id": ids, "scenario": uni.scenario, "item_id": ""}))
+            {"user_id": ids, "scenario": uni.scenario, "item_id": ""}), sides=("user",),
+            prefetched={"user": user_features}, store=store)
         u_side = scorer.users(user_table)
         seq = user_table.sequences if user_table.sequences is not None else np.zeros((len(ids), 0), dtype=object)
         mask = candidate_mask(cfg, uni, seq, vectors, has_vector)
