@@ -49,8 +49,10 @@ class ModelSpec:
     # wide part can see log-odds of the un-normalized rates (a popularity score enters on its own scale)
     user_rates: list[list[float]] = field(default_factory=list)
     item_rates: list[list[float]] = field(default_factory=list)
-    match_dim: int = 0  # msmt: >0 adds a user-vector . item-vector match score, weighted per scenario x task
-    id_dropout: float = 0.0  # msmt: share of training rows whose user id is replaced by the OOV index
+    # msmt: a match score <user vector, item vector> in the item-key space: the user vector is the sum of the
+    # user id and attribute embeddings plus the mean of the behaviour sequence's item keys, the item vector the
+    # item key plus its attribute embeddings; weighted per scenario x task
+    match: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -192,34 +194,29 @@ class MSMT(Ranker):
         nn.init.zeros_(self.wide.weight)  # no direction before data: an untrained model ranks at random, not inverted
         self.scenario_bias = nn.Embedding(spec.n_scenarios, len(spec.tasks))
         nn.init.zeros_(self.scenario_bias.weight)
-        if spec.match_dim:
-            d = spec.embedding_dim
-            self.user_match = nn.Linear(d * (2 + len(spec.user_cat)), spec.match_dim)
-            self.item_match = nn.Linear(d * (1 + len(spec.item_cat)), spec.match_dim)
+        if spec.match:
             self.match_weight = nn.Embedding(spec.n_scenarios, len(spec.tasks))
-            nn.init.constant_(self.match_weight.weight, 1.0 / spec.match_dim ** 0.5)
+            nn.init.ones_(self.match_weight.weight)
 
     def user_side(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.training and self.spec.id_dropout > 0:
-            drop = torch.rand(b["user"].shape, device=b["user"].device) < self.spec.id_dropout
-            b = {**b, "user": torch.where(drop, torch.ones_like(b["user"]), b["user"])}
         u = super().user_side(b, text)
         u["seq_k"] = self.attention.project_keys(u["seq"])
         u["wide"] = torch.cat([b["user_num"], self.user_rates(b["user_num"])], dim=1)
-        if self.spec.match_dim:
-            d = self.spec.embedding_dim
-            emb = u["u"][:, :d * (1 + len(self.spec.user_cat))]
-            u["m"] = self.user_match(torch.cat([emb, _mean_pool(u["seq"], u["mask"]) if u["seq"].shape[1]
-                                                else emb[:, :d] * 0], dim=1))
+        if self.spec.match:
+            d, n = self.spec.embedding_dim, 1 + len(self.spec.user_cat)
+            u["m"] = u["u"][:, :d * n].reshape(-1, n, d).sum(1)  # id + attribute embeddings (InputLayer order)
+            if u["seq"].shape[1]:
+                u["m"] = u["m"] + _mean_pool(u["seq"], u["mask"])
         return u
 
     def item_side(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> dict[str, torch.Tensor]:
         i = super().item_side(b, text)
         i["wide"] = torch.cat([b["item_num"], self.item_rates(b["item_num"])], dim=1)
-        if self.spec.match_dim:
-            d = self.spec.embedding_dim
-            cats = i["i"][:, 2 * d:d * (2 + len(self.spec.item_cat))]
-            i["m"] = self.item_match(torch.cat([i["key"], cats], dim=1))
+        if self.spec.match:
+            d, n = self.spec.embedding_dim, len(self.spec.item_cat)
+            i["m"] = i["key"]
+            if n:
+                i["m"] = i["m"] + i["i"][:, 2 * d:(2 + n) * d].reshape(-1, n, d).sum(1)  # + attribute embeddings
         return i
 
     def pooled(self, u: dict, i: dict) -> torch.Tensor:
@@ -232,7 +229,7 @@ class MSMT(Ranker):
         x = self.gate(x, s)
         hidden = self.ple(x, s)
         wide = self.wide(torch.cat([u["wide"], i["wide"]], dim=1)) + self.scenario_bias(scenario)
-        if self.spec.match_dim:
+        if self.spec.match:
             wide = wide + (u["m"] * i["m"]).sum(1, keepdim=True) * self.match_weight(scenario)
         logits = [tower(hk) + wide[:, t:t + 1] for t, (tower, hk) in enumerate(zip(self.towers, hidden, strict=True))]
         return self._probs(logits, chain=True)

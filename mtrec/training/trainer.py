@@ -119,7 +119,7 @@ def make_spec(cfg: MtrecConfig, encoder: FeatureEncoder, name: str) -> ModelSpec
         item_cat=[encoder.cardinality(c) for c in encoder.item_categorical],
         user_num=encoder.numeric_width("user"), item_num=encoder.numeric_width("item"),
         text_dim=encoder.text_dim, sequence_length=encoder.sequence_length,
-        embedding_dim=t.embedding_dim, hidden_dims=list(t.hidden_dims), match_dim=t.embedding_dim,
+        embedding_dim=t.embedding_dim, hidden_dims=list(t.hidden_dims), match=True,
         user_rates=_rate_columns(encoder, encoder.user_numeric), item_rates=_rate_columns(encoder, encoder.item_numeric))
 
 
