@@ -269,7 +269,9 @@ def _print_where(cfg: Any, res: Any) -> None:
                       highlight=False, soft_wrap=True)
         url = cfg.resolved_warehouse_url
         if url.startswith("duckdb:"):
-            path = url.removeprefix("duckdb://")
+            from mtrec.warehouse.duckdb_backend import duckdb_path
+
+            path = duckdb_path(url)
             console.print(f"query them: duckdb -readonly {path} \"SELECT * FROM daily_recommendations "
                           f"WHERE ds = DATE '{res.ds}' ORDER BY scenario, user_id, rank LIMIT 20\"",
                           highlight=False, soft_wrap=True)

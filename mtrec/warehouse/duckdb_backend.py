@@ -27,15 +27,20 @@ def _unregister(con: duckdb.DuckDBPyConnection, view: str) -> None:
         pass
 
 
+def duckdb_path(url: str) -> str:
+    """`duckdb:///relative.db` -> relative.db, `duckdb:////abs/wh.duckdb` -> /abs/wh.duckdb (SQLAlchemy style)."""
+    path = url.removeprefix("duckdb://")
+    path = path[1:] if path.startswith("/") and not path.startswith("//") and path != "/:memory:" else path
+    path = path.removeprefix("/") if path.startswith("//") else path
+    return ":memory:" if path in ("", ":memory:", "/:memory:") else path
+
+
 class DuckDBWarehouse:
     dialect = "duckdb"
 
     def __init__(self, url: str, read_only: bool = False) -> None:
         self.url = url
-        path = url.removeprefix("duckdb://")
-        path = path[1:] if path.startswith("/") and not path.startswith("//") and path != "/:memory:" else path
-        path = path.removeprefix("/") if path.startswith("//") else path
-        self.path = ":memory:" if path in ("", ":memory:", "/:memory:") else path
+        self.path = duckdb_path(url)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
