@@ -96,7 +96,7 @@ def _make_champion(home: Path, ds: dt.date) -> str:
 
 @pytest.mark.slow
 def test_airflow_backfill_create_publishes_past_days(mtrec_home: Path, airflow_home: Path, tmp_path: Path):
-    days = [END - dt.timedelta(days=1), END]  # two days: a backfill, kept short for the suite's time budget
+    days = [END - dt.timedelta(days=2), END - dt.timedelta(days=1), END]
     champion = _make_champion(mtrec_home, days[0] - dt.timedelta(days=1))
     scenario = _scenarios(mtrec_home)[0]  # one scenario keeps the test short and exercises the param
 

@@ -73,7 +73,7 @@ def test_learns_the_signal_and_shuffled_labels_do_not(tmp_path, tables, name):
     shuffled.frame[["click", "like"]] = shuffled.frame[["click", "like"]].to_numpy()[perm]
     bad = train_model(cfg, shuffled, None, model_name=name, progress=False)
     bad_auc = roc_auc_score(y, bad.artifact.predict(holdout)["click"])
-    assert bad_auc < real_auc - 0.1, (bad_auc, real_auc)
+    assert abs(bad_auc - 0.5) < 0.05 and bad_auc < real_auc - 0.15, (bad_auc, real_auc)
 
 
 def test_overfits_a_small_batch(tmp_path):
@@ -82,8 +82,8 @@ def test_overfits_a_small_batch(tmp_path):
                early_stopping_patience=100)
     out = train_model(cfg, small, None, progress=False)
     p = out.artifact.predict(small)
-    assert roc_auc_score(small.frame["click"], p["click"]) > 0.97
-    assert out.history[-1]["train_loss"] < 0.5 * out.history[0]["train_loss"]
+    assert roc_auc_score(small.frame["click"], p["click"]) > 0.99
+    assert out.history[-1]["train_loss"] < 0.15 < out.history[0]["train_loss"]  # memorized: loss near zero
 
 
 def test_artifact_roundtrip_hash_and_no_pickle(tmp_path, tables):
@@ -156,6 +156,14 @@ def test_evaluate_predictions_slices(tables):
     assert m["__all__"]["click"]["n"] == len(holdout)
 
 
+def run_single(out: Path) -> dict:
+    out.mkdir()
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("ddp_worker.py")), str(out), "--single"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "rank0.json").read_text())
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path):
     """torchrun with 2 CPU processes (gloo): both ranks end with identical weights and the loss goes down."""
@@ -170,3 +178,8 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert r0["state_sha"] == r1["state_sha"]
     assert r0["history"][-1]["train_loss"] < r0["history"][0]["train_loss"]
     assert r0["holdout_auc"] > 0.7
+    # same result shape and a loss close to one process on the same data (each rank sees half of every epoch)
+    single = run_single(tmp_path / "single")
+    assert len(single["history"]) == len(r0["history"]) and set(single) == set(r0)
+    assert abs(r0["history"][-1]["train_loss"] - single["history"][-1]["train_loss"]) < 0.1 * single["history"][-1]["train_loss"]
+    assert abs(r0["holdout_auc"] - single["holdout_auc"]) < 0.03
