@@ -84,10 +84,27 @@ def test_buggy_champion_replaced_shuffled_candidate_gated_and_rollback(cfg, tmp_
             assert manifest["decisions"]["evaluate"] == "rejected"
             assert manifest["artifacts"]["evaluate.evaluation"] == gated.evaluation_path
 
+        # 3b. a candidate with randomized weights is rejected too, and the next scoring run uses the champion
+        import torch
+
+        from mtrec.steps import score
+
+        randomized = reg.load(trained.version)
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in randomized.model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        cand = reg.register(randomized, trained_through=END, train_window=window)
+        gated = evaluate.run(cfg, END, wh=wh)
+        assert gated.decision == "rejected" and reg.get(cand.version).status == REJECTED
+        scored = score.run(cfg, END, wh=wh, scenarios=["home"], run_id="after-gate")
+        assert scored.model_version == trained.version == reg.champion().version
+
         # 4. rollback restores the previous champion for the next scoring run
         back = reg.rollback(actor="test", reason="bad recommendations reported")
         assert back.version == buggy.version and reg.champion().status == CHAMPION
         assert reg.champion_as_of(END).version == buggy.version
         assert reg.get(trained.version).status == REJECTED
+        assert score.run(cfg, END, wh=wh, scenarios=["home"], run_id="after-rollback").model_version == buggy.version
     finally:
         wh.close()
