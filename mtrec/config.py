@@ -116,6 +116,9 @@ class TrainingSpec(_Section):
     batch_size: int = Field(1024, ge=8)
     learning_rate: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
+    id_weight_decay: float = Field(
+        50.0, ge=0, description="AdamW decay of the user/item id embedding tables (strong: ids seen in few batches "
+        "stay near zero, so the model leans on attributes, sequences and popularity for them)")
     warmup_steps: int = Field(50, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     early_stopping_patience: int = Field(2, ge=0)

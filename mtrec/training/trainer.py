@@ -134,6 +134,18 @@ def _rate_columns(encoder: FeatureEncoder, columns: list[str]) -> list[list[floa
     return out
 
 
+def _param_groups(model: nn.Module, criterion: nn.Module, t) -> list[dict[str, Any]]:
+    """AdamW groups: user/item id embedding tables get `id_weight_decay` (decoupled decay shrinks every row at
+    every step, so ids seen in few batches stay near zero: the model leans on attributes and sequences for
+    them), everything else `weight_decay`."""
+    ids, rest = [], []
+    for name, p in model.named_parameters():
+        (ids if name.endswith(("inputs.user.weight", "inputs.item.weight")) else rest).append(p)
+    rest += list(criterion.parameters())
+    return [{"params": rest, "weight_decay": t.weight_decay},
+            {"params": ids, "weight_decay": t.id_weight_decay}]
+
+
 def _shard(perm: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This rank's share of an epoch's permutation; every rank gets the same number of rows (wrap-around)."""
     if world == 1:
@@ -191,7 +203,7 @@ def train_model(cfg: MtrecConfig, table, valid=None, *, init_from: RankerArtifac
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     params = list(model.parameters()) + list(criterion.parameters())
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, criterion, t), lr=t.learning_rate)
     n = len(labels)
     steps_per_epoch = math.ceil(math.ceil(n / world) / t.batch_size)
     total_steps = steps_per_epoch * t.epochs
