@@ -123,7 +123,7 @@ class TrainingSpec(_Section):
     grad_clip: float = Field(1.0, gt=0)
     early_stopping_patience: int = Field(2, ge=0)
     embedding_dim: int = Field(16, ge=2)
-    hidden_dims: list[int] = Field(default_factory=lambda: [128, 64])
+    hidden_dims: list[int] = Field(default_factory=lambda: [64, 32])
     id_buckets: int = Field(0, ge=0, description="0: exact vocabulary with OOV index; >0: hash ids into this many buckets")
     min_id_count: int = Field(2, ge=1, description="ids seen fewer times map to OOV")
     task_weighting: Literal["fixed", "uncertainty"] = "fixed"

@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mtrec.models.layers import ExtractionLayer, MMoELayer, ScenarioGate, TargetAttention, mlp
+from mtrec.models.layers import MMoELayer, ScenarioGate, TargetAttention, mlp
 
 USER_KEYS = ("user", "user_cat", "user_num", "seq", "seq_text")
 ITEM_KEYS = ("item", "item_cat", "item_num", "text")
@@ -174,65 +175,120 @@ class _RateLogOdds(nn.Module):
 
 
 class MSMT(Ranker):
-    """Multi-scenario multi-task ranker: target attention over the behaviour sequence, a scenario-conditioned
-    input gate, a PLE extraction layer with scenario-aware gates, one tower per task, a wide linear part over
-    the numeric features (popularity aggregates), a per-scenario task bias, and ESMM chaining of dependent tasks.
+    """Multi-scenario multi-task ranker.
+
+    Inputs: id/attribute/scenario embeddings, normalized numerics, the projected title embedding. Each side's
+    input passes a scenario-conditioned gate (EPNet-style, conditioned on the scenario and the side itself), then
+    a progressive layered extraction layer (shared and task-specific experts, per-task gates that see the
+    scenario) whose first layer is split by input block: the user+scenario block and the item block are computed
+    once per (user, scenario) and once per (item, scenario); only the block of the target attention over the
+    behaviour sequence (candidate x history) is computed per pair. One tower per task; a wide linear part over the
+    numeric features and the log-odds of the smoothed rates (popularity enters on its own scale), a per-scenario
+    task bias, and a user x item match score of summed field embeddings; ESMM chaining of dependent tasks.
+
+    `grid` scores users [B] against candidates [B, C] without copying user-side tensors per candidate;
+    `pair` (training, per-row) is the same computation with C = 1.
     """
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
         d, h = spec.embedding_dim, spec.hidden_dims
+        n_tasks = len(spec.tasks)
         self.attention = TargetAttention(d)
-        self.gate = ScenarioGate(self.in_dim, d)
-        self.ple = ExtractionLayer(self.in_dim, h[0], len(spec.tasks), spec.n_shared_experts,
-                                   spec.n_task_experts, d, spec.dropout)
+        self.user_gate = ScenarioGate(self.inputs.user_dim, d)
+        self.item_gate = ScenarioGate(self.inputs.item_dim, d)
+        self.n_shared, self.n_task = spec.n_shared_experts, spec.n_task_experts
+        self.n_experts = self.n_shared + n_tasks * self.n_task
+        self.n_gate = self.n_shared + self.n_task
+        self.hidden = h[0]
+        du, di, dp = self.inputs.user_dim + d, self.inputs.item_dim, 2 * d
+        # first layer of every expert, and the PLE gates, split by input block: user+scenario | item | pair
+        self.expert_u = nn.Linear(du, self.n_experts * self.hidden)
+        self.expert_i = nn.Linear(di, self.n_experts * self.hidden, bias=False)
+        self.expert_p = nn.Linear(dp, self.n_experts * self.hidden, bias=False)
+        self.gate_u = nn.Linear(du, n_tasks * self.n_gate)
+        self.gate_i = nn.Linear(di, n_tasks * self.n_gate, bias=False)
+        self.gate_p = nn.Linear(dp, n_tasks * self.n_gate, bias=False)
+        route = torch.zeros(n_tasks, self.n_gate, self.n_experts)  # task t, gate slot g -> expert e
+        for t in range(n_tasks):
+            own = [self.n_shared + t * self.n_task + k for k in range(self.n_task)]
+            for g, e in enumerate(own + list(range(self.n_shared))):
+                route[t, g, e] = 1.0
+        self.register_buffer("route", route, persistent=False)
+        self.expert_dropout = nn.Dropout(spec.dropout)
         self.towers = nn.ModuleList([mlp([h[0], *h[1:], 1], spec.dropout, last_activation=False) for _ in spec.tasks])
         self.user_rates = _RateLogOdds(spec.user_rates)
         self.item_rates = _RateLogOdds(spec.item_rates)
-        n_wide = spec.user_num + spec.item_num + len(spec.user_rates) + len(spec.item_rates)
-        self.wide = nn.Linear(n_wide, len(spec.tasks))
+        self.n_user_wide = spec.user_num + len(spec.user_rates)
+        self.wide = nn.Linear(self.n_user_wide + spec.item_num + len(spec.item_rates), n_tasks)
         nn.init.zeros_(self.wide.weight)  # no direction before data: an untrained model ranks at random, not inverted
-        self.scenario_bias = nn.Embedding(spec.n_scenarios, len(spec.tasks))
+        self.scenario_bias = nn.Embedding(spec.n_scenarios, n_tasks)
         nn.init.zeros_(self.scenario_bias.weight)
         if spec.match:
-            self.match_weight = nn.Embedding(spec.n_scenarios, len(spec.tasks))
+            self.match_weight = nn.Embedding(spec.n_scenarios, n_tasks)
             nn.init.ones_(self.match_weight.weight)
 
+    # -- per side: computed once per (user, scenario) and once per (item, scenario) -----------------------
     def user_side(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> dict[str, torch.Tensor]:
-        u = super().user_side(b, text)
-        u["seq_k"] = self.attention.project_keys(u["seq"])
-        u["wide"] = torch.cat([b["user_num"], self.user_rates(b["user_num"])], dim=1)
+        d = self.spec.embedding_dim
+        s = self.inputs.scenario(b["scenario"])
+        raw = self.inputs.user_vector(b)
+        x = torch.cat([self.user_gate(raw, s), s], dim=1)
+        keys, mask = self.inputs.sequence(b, text)
+        wide_in = torch.cat([b["user_num"], self.user_rates(b["user_num"])], dim=1)
+        u = {"a": self.expert_u(x), "g": self.gate_u(x), "seq": keys, "seq_k": self.attention.project_keys(keys),
+             "mask": mask, "scenario": b["scenario"],
+             "w": F.linear(wide_in, self.wide.weight[:, :self.n_user_wide], self.wide.bias)
+             + self.scenario_bias(b["scenario"])}
         if self.spec.match:
-            d, n = self.spec.embedding_dim, 1 + len(self.spec.user_cat)
-            u["m"] = u["u"][:, :d * n].reshape(-1, n, d).sum(1)  # id + attribute embeddings (InputLayer order)
-            if u["seq"].shape[1]:
-                u["m"] = u["m"] + _mean_pool(u["seq"], u["mask"])
+            n = 1 + len(self.spec.user_cat)
+            m = raw[:, :d * n].reshape(-1, n, d).sum(1)  # id + attribute embeddings (InputLayer order)
+            u["m"] = m + _mean_pool(keys, mask) if keys.shape[1] else m
         return u
 
     def item_side(self, b: dict[str, torch.Tensor], text: torch.Tensor) -> dict[str, torch.Tensor]:
-        i = super().item_side(b, text)
-        i["wide"] = torch.cat([b["item_num"], self.item_rates(b["item_num"])], dim=1)
+        d = self.spec.embedding_dim
+        s = self.inputs.scenario(b["scenario"])
+        raw, key = self.inputs.item_vector(b, text)
+        x = self.item_gate(raw, s)
+        wide_in = torch.cat([b["item_num"], self.item_rates(b["item_num"])], dim=1)
+        i = {"a": self.expert_i(x), "g": self.gate_i(x), "key": key,
+             "w": F.linear(wide_in, self.wide.weight[:, self.n_user_wide:])}
         if self.spec.match:
-            d, n = self.spec.embedding_dim, len(self.spec.item_cat)
-            i["m"] = i["key"]
-            if n:
-                i["m"] = i["m"] + i["i"][:, 2 * d:(2 + n) * d].reshape(-1, n, d).sum(1)  # + attribute embeddings
+            n = len(self.spec.item_cat)
+            i["m"] = key + raw[:, 2 * d:(2 + n) * d].reshape(-1, n, d).sum(1) if n else key
         return i
 
-    def pooled(self, u: dict, i: dict) -> torch.Tensor:
-        if not u["seq"].shape[1]:
-            return self.attention.empty.expand_as(i["key"])
-        return self.attention(i["key"], u["seq_k"], u["seq"], u["mask"])
+    # -- per pair: attention, the pair block of the first layer, expert mixing, towers ---------------------
+    def grid(self, u: dict, i: dict, scenario: torch.Tensor | None, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """u: tensors per user [B, ...]; i: tensors per candidate [B, C, ...] -> {task: [B, C]}."""
+        key = i["key"]
+        B, C = key.shape[:2]
+        if u["seq"].shape[1]:
+            scores = torch.einsum("bcd,bld->bcl", self.attention.q(key), u["seq_k"]) * self.attention.scale
+            mask = u["mask"].unsqueeze(1)
+            has = mask.any(-1, keepdim=True)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            weights = torch.softmax(torch.where(has, scores, torch.zeros_like(scores)), -1) * has
+            pooled = torch.where(has, torch.einsum("bcl,bld->bcd", weights, u["seq"]), self.attention.empty)
+        else:
+            pooled = self.attention.empty.expand_as(key)
+        p = torch.cat([pooled, pooled * key], -1)
+        h = torch.relu(u["a"].unsqueeze(1) + i["a"] + self.expert_p(p))
+        h = self.expert_dropout(h).view(B, C, self.n_experts, self.hidden)
+        n_tasks = len(self.spec.tasks)
+        g = (u["g"].unsqueeze(1) + i["g"] + self.gate_p(p)).view(B, C, n_tasks, self.n_gate).softmax(-1)
+        z = torch.einsum("bcte,bceh->bcth", torch.einsum("bctg,tge->bcte", g, self.route), h)
+        wide = u["w"].unsqueeze(1) + i["w"]
+        if self.spec.match:
+            wide = wide + torch.einsum("bd,bcd->bc", u["m"], i["m"]).unsqueeze(-1) \
+                * self.match_weight(u["scenario"]).unsqueeze(1)
+        logits = [tower(z[:, :, t]) + wide[..., t:t + 1] for t, tower in enumerate(self.towers)]
+        return self._probs(logits, chain=True)
 
     def pair(self, u: dict, i: dict, scenario: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
-        x, s = self.features(u, i, scenario)
-        x = self.gate(x, s)
-        hidden = self.ple(x, s)
-        wide = self.wide(torch.cat([u["wide"], i["wide"]], dim=1)) + self.scenario_bias(scenario)
-        if self.spec.match:
-            wide = wide + (u["m"] * i["m"]).sum(1, keepdim=True) * self.match_weight(scenario)
-        logits = [tower(hk) + wide[:, t:t + 1] for t, (tower, hk) in enumerate(zip(self.towers, hidden, strict=True))]
-        return self._probs(logits, chain=True)
+        out = self.grid(u, {k: v.unsqueeze(1) for k, v in i.items()}, scenario, text)
+        return {t: p.squeeze(1) for t, p in out.items()}
 
 
 class SharedBottom(Ranker):
