@@ -122,6 +122,8 @@ class TrainingSpec(_Section):
     warmup_steps: int = Field(50, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     early_stopping_patience: int = Field(2, ge=0)
+    early_stopping_tolerance: float = Field(
+        0.002, ge=0, description="keep the latest epoch whose validation mean AUC is within this of the best")
     embedding_dim: int = Field(16, ge=2)
     hidden_dims: list[int] = Field(default_factory=lambda: [64, 32])
     id_buckets: int = Field(0, ge=0, description="0: exact vocabulary with OOV index; >0: hash ids into this many buckets")

@@ -287,20 +287,25 @@ def train_model(cfg: MtrecConfig, table, valid=None, *, init_from: RankerArtifac
             row["valid_mean_auc"] = mean_auc(metrics, min_positives=5)
             row["valid_logloss"] = float(np.nanmean([m["logloss"] for m in metrics["__all__"].values()]))
             score = row["valid_mean_auc"] if math.isfinite(row["valid_mean_auc"]) else -row["valid_logloss"]
-            if score > best_score:
-                best_metrics = metrics
         history.append(row)
         if rank == 0:
             log.info("epoch %d/%d: %s", epoch, t.epochs,
                      ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                                if k != "epoch"))
-        if score > best_score + 1e-5:
-            best_score, best_epoch, bad_epochs = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+        # Keep the latest epoch within `early_stopping_tolerance` of the best validation score: one validation
+        # day is noisy, and the later epochs are the low-learning-rate end of the schedule.
+        improved = score > best_score + 1e-5
+        tolerance = t.early_stopping_tolerance if vtensors is not None else 0.0
+        if improved or score >= best_score - tolerance:
+            best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
+            if vtensors is not None:
+                best_metrics = metrics
+        if improved:
+            best_score, bad_epochs = score, 0
         else:
             bad_epochs += 1
             if vtensors is not None and bad_epochs > t.early_stopping_patience:
-                log.info("early stopping after epoch %d (best epoch %d)", epoch, best_epoch)
+                log.info("early stopping after epoch %d (kept epoch %d)", epoch, best_epoch)
                 break
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     if best_state is not None:
