@@ -81,23 +81,38 @@ def _forward_only(home: str, threads: int, n_pairs: int, queue) -> None:
     i = scorer.items(build_scoring_table(cfg, wh, END, pd.DataFrame({"user_id": "", "scenario": scenario,
                                                                      "item_id": uni.items})), uni)
     rng = np.random.default_rng(0)
-    u_idx = torch.from_numpy(rng.integers(0, len(users), n_pairs))
-    i_idx = torch.from_numpy(rng.integers(0, len(uni.items), n_pairs))
-    chunk = 65_536
-    t = time.perf_counter()
-    for p in range(0, n_pairs, chunk):
-        uu, ii = u_idx[p:p + chunk], i_idx[p:p + chunk]
-        scorer.pairs(u, i, uu, ii, u["_scenario"][uu])
+    width = 90  # the default candidate count per user (popular 50 + similar 30 + fresh 10)
+    cand = torch.from_numpy(rng.integers(0, len(uni.items), (len(users), width)))
+    step = max(1, 65_536 // width)
+    done, t = 0, time.perf_counter()
+    while done < n_pairs:
+        for r in range(0, len(users), step):
+            rows = slice(r, min(r + step, len(users)))
+            scorer.grid(u, i, rows, cand[rows])
+            done += (rows.stop - rows.start) * width
+    n_pairs = done
     queue.put({"seconds": time.perf_counter() - t, "pairs": n_pairs})
 
 
+def _guarded(target, args, queue) -> None:
+    try:
+        target(*args, queue)
+    except BaseException:  # noqa: BLE001 - report the child's failure instead of hanging the parent
+        import traceback
+
+        queue.put({"error": traceback.format_exc()})
+
+
 def _in_child(target, *args):
+    """Run in a fresh process (its own peak RSS); a failure in the child is raised here."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
+    proc = ctx.Process(target=_guarded, args=(target, args, queue))
     proc.start()
     out = queue.get()
     proc.join()
+    if "error" in out:
+        raise RuntimeError(out["error"])
     return out
 
 
