@@ -107,7 +107,8 @@ def load_item_embeddings(cfg: MtrecConfig, wh: Warehouse | None = None,
 
 
 def _assemble(cfg: MtrecConfig, wh: Warehouse, rows: pd.DataFrame, *, sides: tuple[str, ...] = ("user", "item"),
-              prefetched: dict[str, pd.DataFrame] | None = None, store=None) -> FeatureTable:
+              prefetched: dict[str, pd.DataFrame] | None = None, store=None,
+              embeddings: ItemEmbeddings | None = None) -> FeatureTable:
     """Join user- and item-side features (as of each row's feature_time), sequences and embeddings onto rows.
 
     `sides` limits retrieval to one side (scoring builds user rows and item rows separately); `prefetched`
@@ -143,7 +144,8 @@ def _assemble(cfg: MtrecConfig, wh: Warehouse, rows: pd.DataFrame, *, sides: tup
         frame=frame, tasks=cfg.task_names,
         user_categorical=attrs["user_categorical"], user_numeric=user_num,
         item_categorical=attrs["item_categorical"], item_numeric=item_num,
-        sequences=seq, item_embeddings=load_item_embeddings(cfg, wh), feature_service=FS.FEATURE_SERVICE)
+        sequences=seq, item_embeddings=embeddings if embeddings is not None else load_item_embeddings(cfg, wh),
+        feature_service=FS.FEATURE_SERVICE)
 
 
 def retrieve_side(cfg: MtrecConfig, ds: dt.date, side: str, ids: list[str], scenario: str, store=None) -> pd.DataFrame:
@@ -169,9 +171,9 @@ def build_training_set(cfg: MtrecConfig, wh: Warehouse, start: dt.date, end: dt.
 
 def build_scoring_table(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, pairs: pd.DataFrame, *,
                         sides: tuple[str, ...] = ("user", "item"), prefetched: dict[str, pd.DataFrame] | None = None,
-                        store=None) -> FeatureTable:
+                        store=None, embeddings: ItemEmbeddings | None = None) -> FeatureTable:
     """(user_id, scenario, item_id) candidate pairs with features as of the end of ds (no labels)."""
     rows = pairs[["user_id", "scenario", "item_id"]].copy()
     rows["ds"] = ds
     rows["feature_time"] = pd.Timestamp(end_of_day(ds))
-    return _assemble(cfg, wh, rows, sides=sides, prefetched=prefetched, store=store)
+    return _assemble(cfg, wh, rows, sides=sides, prefetched=prefetched, store=store, embeddings=embeddings)

@@ -1,4 +1,5 @@
-"""Building blocks: MLP, target attention, scenario gate (EPNet-style), PLE extraction layer, MMoE layer."""
+"""Building blocks: MLP, target attention, scenario gate (EPNet-style), MMoE layer (msmt's PLE layer is split
+by input block inside mtrec.models.ranker.MSMT)."""
 
 from __future__ import annotations
 
@@ -55,30 +56,6 @@ class ScenarioGate(nn.Module):
 
     def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
         return x * 2.0 * torch.sigmoid(self.net(torch.cat([scenario, x.detach()], dim=1)))
-
-
-class ExtractionLayer(nn.Module):
-    """One PLE (CGC) layer: shared and task-specific experts; per-task gates over [own experts + shared],
-    conditioned on the scenario embedding."""
-
-    def __init__(self, in_dim: int, expert_dim: int, n_tasks: int, n_shared: int, n_specific: int,
-                 scenario_dim: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.n_tasks, self.n_shared, self.n_specific = n_tasks, n_shared, n_specific
-        self.shared = nn.ModuleList([mlp([in_dim, expert_dim], dropout) for _ in range(n_shared)])
-        self.specific = nn.ModuleList([nn.ModuleList([mlp([in_dim, expert_dim], dropout) for _ in range(n_specific)])
-                                       for _ in range(n_tasks)])
-        self.gates = nn.ModuleList([nn.Linear(in_dim + scenario_dim, n_shared + n_specific) for _ in range(n_tasks)])
-
-    def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> list[torch.Tensor]:
-        shared = [e(x) for e in self.shared]
-        gate_in = torch.cat([x, scenario], dim=1)
-        out = []
-        for t in range(self.n_tasks):
-            experts = torch.stack([e(x) for e in self.specific[t]] + shared, dim=1)  # [B, E, d]
-            w = torch.softmax(self.gates[t](gate_in), dim=1).unsqueeze(-1)
-            out.append((experts * w).sum(dim=1))
-        return out
 
 
 class MMoELayer(nn.Module):

@@ -19,6 +19,7 @@ import torch
 from mtrec import schema as S
 from mtrec.config import MtrecConfig
 from mtrec.data.raw import end_of_day
+from mtrec.features.frame import ItemEmbeddings
 from mtrec.features.training_set import root_tasks
 from mtrec.warehouse import Warehouse, q
 
@@ -83,22 +84,17 @@ def universe(wh: Warehouse, cfg: MtrecConfig, ds: dt.date, scenario: str) -> Uni
                     fresh=index.get_indexer(fresh_ids).astype(np.int64), rates=rates)
 
 
-def item_vectors(cfg: MtrecConfig, items: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def item_vectors(embeddings: ItemEmbeddings | None, items: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm title embeddings of the universe [I, D] and a mask of items that have a real title."""
-    from mtrec.features import store as FS
-
-    df = FS.load_embeddings(cfg)
-    if df is None or df.empty:
+    if embeddings is None or not len(embeddings.item_ids):
         return torch.zeros(len(items), 1), torch.zeros(len(items), dtype=torch.bool)
-    pos = pd.Index(df["item_id"].astype(str)).get_indexer(pd.Index(items))
-    mat = np.stack(df["title_embedding"].to_numpy()).astype(np.float32)
-    out = np.zeros((len(items), mat.shape[1]), np.float32)
+    pos = embeddings.index_of(items)
     ok = pos >= 0
-    out[ok] = mat[pos[ok]]
+    out = np.zeros((len(items), embeddings.dim), np.float32)
+    out[ok] = embeddings.vectors[pos[ok]]
     has = ok.copy()
-    has[ok] &= ~df["title_missing"].to_numpy().astype(bool)[pos[ok]]
-    v = torch.from_numpy(out)
-    return torch.nn.functional.normalize(v, dim=1), torch.from_numpy(has)
+    has[ok] &= ~embeddings.missing[pos[ok]]
+    return torch.nn.functional.normalize(torch.from_numpy(out), dim=1), torch.from_numpy(has)
 
 
 def candidate_mask(cfg: MtrecConfig, uni: Universe, sequences: np.ndarray, vectors: torch.Tensor,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -107,13 +106,6 @@ class PopularityScorer(Scorer):
         return {t: i[t][cand] for t in self.tasks}
 
 
-@dataclass
-class ScenarioScores:
-    users: int
-    rows: int
-    candidates: int
-
-
 def _fuse(probs: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     out = None
     for t, w in weights.items():
@@ -133,21 +125,23 @@ def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, u
     if not users or not n_items:
         return
     from mtrec.features import store as FS
-    from mtrec.features.training_set import retrieve_side
+    from mtrec.features.training_set import load_item_embeddings, retrieve_side
 
     store = FS.feature_store(cfg)
+    embeddings = load_item_embeddings(cfg, wh)  # once per scenario, shared by every chunk
     item_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
-        {"user_id": "", "scenario": uni.scenario, "item_id": uni.items}), sides=("item",), store=store)
+        {"user_id": "", "scenario": uni.scenario, "item_id": uni.items}), sides=("item",), store=store,
+        embeddings=embeddings)
     # one retrieval of the user side for every user of the scenario; chunks only build their sequences
     user_features = retrieve_side(cfg, ds, "user", users, uni.scenario, store=store)
     i_side = scorer.items(item_table, uni)
-    vectors, has_vector = item_vectors(cfg, uni.items)
+    vectors, has_vector = item_vectors(embeddings, uni.items)
     chunk = max(16, min(cfg.scoring.batch_users, MASK_CELLS // max(n_items, 1)))
     for start in range(0, len(users), chunk):
         ids = users[start:start + chunk]
         user_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
             {"user_id": ids, "scenario": uni.scenario, "item_id": ""}), sides=("user",),
-            prefetched={"user": user_features}, store=store)
+            prefetched={"user": user_features}, store=store, embeddings=embeddings)
         u_side = scorer.users(user_table)
         seq = user_table.sequences if user_table.sequences is not None else np.zeros((len(ids), 0), dtype=object)
         mask = candidate_mask(cfg, uni, seq, vectors, has_vector)

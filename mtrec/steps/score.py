@@ -21,12 +21,12 @@ import pyarrow.parquet as pq
 
 from mtrec.config import MtrecConfig
 from mtrec.errors import ModelError, StageError
-from mtrec.steps.base import SUCCESS, StageResult, new_run_id, run_dir, stage_warehouse, tracked
+from mtrec.steps.base import SUCCESS, StageResult, new_run_id, stage_warehouse, tracked
+from mtrec.steps.publish import SUCCESS_FILE, scores_dir
 from mtrec.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 
-SUCCESS_FILE = "_SUCCESS.json"
 
 
 @dataclass
@@ -35,10 +35,6 @@ class ScoreResult(StageResult):
     users: dict[str, int] = field(default_factory=dict)
     model_version: str = ""
     scores_dir: str = ""
-
-
-def scores_dir(cfg: MtrecConfig, ds: dt.date, run_id: str) -> Path:
-    return run_dir(cfg, ds, run_id) / "scores"
 
 
 def resolve_model(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, model: str):
@@ -87,16 +83,14 @@ def _merge_success(path: Path, ds: dt.date, run_id: str, model_version: str, row
 
 def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: list[str] | None,
           model: str) -> ScoreResult:
+    import torch
     from tqdm.auto import tqdm
 
     from mtrec.data.raw import known_scenarios
     from mtrec.scoring.candidates import active_users, universe
     from mtrec.scoring.rank import arrow_schema, rank_scenario
 
-    torch_threads = cfg.training.num_threads or 1
-    import torch
-
-    torch.set_num_threads(torch_threads)
+    torch.set_num_threads(cfg.training.num_threads or 1)
     mv, label = resolve_model(cfg, wh, ds, model)
     scorer = make_scorer(cfg, wh, mv)
     if mv is None:
@@ -114,8 +108,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     rows: dict[str, int] = {}
     users: dict[str, int] = {}
     started = time.perf_counter()
-    counts: list[int] = []  # scored pairs per user chunk
-    pairs_total = 0
+    pairs: list[int] = []  # scored pairs per user chunk
     for scenario in todo:
         uni = universe(wh, cfg, ds, scenario)
         people = active_users(wh, cfg, ds, scenario)
@@ -123,22 +116,20 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         final = out / f"{scenario}.parquet"
         tmp = out / f".{scenario}.parquet.tmp{os.getpid()}"
         n = 0
-        pairs_before = pairs_total
         bar = tqdm(total=len(people), desc=f"score {scenario}", unit="user", leave=False, mininterval=1.0)
         with pq.ParquetWriter(tmp, schema) as writer:
             for frame in rank_scenario(cfg, wh, ds, uni, people, scorer, run_id=run_id, created_at=created,
-                                       on_chunk=lambda u, p, bar=bar: (bar.update(u), counts.append(p))):
+                                       on_chunk=lambda u, p, bar=bar: (bar.update(u), pairs.append(p))):
                 writer.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
                 n += len(frame)
         bar.close()
         os.replace(tmp, final)
         rows[scenario] = n
-        pairs_total = sum(counts)
-        log.debug("score %s %s: %d pairs", ds, scenario, pairs_total - pairs_before)
         log.info("score %s %s: %d users, %d items in the universe, %d rows", ds, scenario, len(people),
                  len(uni.items), n)
     _merge_success(out / SUCCESS_FILE, ds, run_id, label, rows)
     seconds = time.perf_counter() - started
+    pairs_total = sum(pairs)
     total_users = sum(users.values())
     msg = (f"scored {total_users} user-scenario(s) with {label}: " + ", ".join(f"{s} {n} rows" for s, n in rows.items()))
     return ScoreResult(stage="score", ds=ds, run_id=run_id, status=SUCCESS, message=msg, rows=rows, users=users,

@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from mtrec.evaluation.gate import ALL
+
 if TYPE_CHECKING:
     from mtrec.config import MtrecConfig
     from mtrec.features.frame import FeatureTable
 
-ALL = "__all__"
 EPS = 1e-7
 
 
