@@ -20,21 +20,25 @@ the old or the new partition, never a mix, and a writer killed in the middle lea
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import itertools
 import json
 import logging
+import re
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mtrec import schema as S
-from mtrec.config import MtrecConfig
+from mtrec.config import MtrecConfig, check_identifier
 from mtrec.errors import DataContractError, MtrecError, StageError, WarehouseError
 from mtrec.steps.base import SUCCESS, StageResult, run_dir, stage_warehouse, tracked
 from mtrec.warehouse import Warehouse, q
@@ -45,6 +49,7 @@ TABLE = S.DAILY_RECOMMENDATIONS
 SCORES_DIR = "scores"
 SUCCESS_FILE = "_SUCCESS.json"
 KEY = ("user_id", "rank")
+PK = ("ds", "scenario", *KEY)  # the primary key of daily_recommendations
 COPY_SLICE_ROWS = 50_000  # rows rendered to CSV at a time for PostgreSQL COPY
 KEEP_ROWS = 2_000_000  # validated rows kept in memory between the validation and the write pass
 
@@ -160,7 +165,9 @@ def validate_staged(cfg: MtrecConfig, ds: dt.date, scenario: str, table: pa.Tabl
             lo, hi = pc.min(vals).as_py(), pc.max(vals).as_py()
             if lo < 0 or hi > 1:
                 raise _fail(f"{where}: probability outside [0, 1] (min {lo}, max {hi})", c, ds)
-    dup = _first_duplicate(out, KEY)
+    # Rows in key order: duplicates are neighbours, and PostgreSQL builds the primary key over presorted rows.
+    out = out.take(pc.sort_indices(out, [(k, "ascending") for k in KEY]))
+    dup = _first_adjacent_duplicate(out, KEY)
     if dup is not None:
         raise _fail(f"{where}: duplicate (user_id, rank) = ({dup[0]}, {dup[1]})", "rank", ds)
     warnings = []
@@ -168,6 +175,22 @@ def validate_staged(cfg: MtrecConfig, ds: dt.date, scenario: str, table: pa.Tabl
     if dup_item is not None:
         warnings.append(f"scenario {scenario}: item {dup_item[1]} recommended twice to user {dup_item[0]}")
     return out, warnings
+
+
+def _first_adjacent_duplicate(table: pa.Table, key: tuple[str, ...]) -> tuple | None:
+    """The first key equal to the one of the row before (the table is sorted by key)."""
+    if table.num_rows < 2:
+        return None
+    same = None
+    for c in key:
+        col = table[c]
+        eq = pc.equal(col.slice(1), col.slice(0, table.num_rows - 1))
+        same = eq if same is None else pc.and_(same, eq)
+    hits = pc.indices_nonzero(same)
+    if not len(hits):
+        return None
+    i = hits[0].as_py() + 1
+    return tuple(table[c][i].as_py() for c in key)
 
 
 def _first_duplicate(table: pa.Table, key: tuple[str, ...]) -> tuple | None:
@@ -206,6 +229,66 @@ def _check_count(wh: Warehouse, ds: dt.date, scenario: str, expected: int) -> in
     return found
 
 
+# -- PostgreSQL: one leaf table per (ds, scenario), loaded aside and swapped in ---------------------------------
+# daily_recommendations is PARTITION BY LIST (ds); each day is PARTITION BY LIST (scenario) with one leaf per
+# scenario; both levels have a DEFAULT partition for rows written by other writers (insert_df and the like).
+# A publish COPYs each scenario (binary, sorted by the primary key) into a fresh table created in its own
+# transaction, builds the primary key once, then swaps it for the old leaf (DROP + ATTACH) and checks the count
+# before the one commit. Readers of the day wait only for the swap; other days are not touched.
+PG_EPOCH_DAYS = 10_957  # 2000-01-01 - 1970-01-01, in days
+PG_EPOCH_US = PG_EPOCH_DAYS * 86_400_000_000
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_COPY_TRAILER = struct.pack(">h", -1)
+# Arrow type of the validated table -> the PostgreSQL type binary COPY writes (checked against the table).
+_PG_TYPES = {S.TEXT: "text", S.DATE: "date", S.BIGINT: "bigint", S.DOUBLE: "double precision",
+             S.TIMESTAMP: "timestamp with time zone"}
+
+
+def _binary_rows(table: pa.Table) -> pa.Buffer:
+    """COPY BINARY tuples (no header/trailer) of a validated, null-free table, built column-wise.
+
+    Runs of fixed-width fields (and the length words of strings) are filled into one numpy record per row,
+    then Arrow joins records and string bytes row by row: no Python per row."""
+    n = table.num_rows
+    parts: list[pa.Array] = []
+    fields: list[tuple[str, Any]] = [(">i2", table.num_columns)]
+
+    def flush() -> None:
+        rec = np.empty(n, dtype=np.dtype([(f"f{i}", d) for i, (d, _) in enumerate(fields)]))
+        for i, (_, v) in enumerate(fields):
+            rec[f"f{i}"] = v
+        arr = pa.Array.from_buffers(pa.binary(rec.dtype.itemsize), n, [None, pa.py_buffer(rec.view(np.uint8))])
+        parts.append(arr.cast(pa.binary()))
+        fields.clear()
+
+    for col in table.columns:
+        col = col.combine_chunks()
+        kind = _pg_type(col.type)
+        if col.null_count:
+            raise ValueError("binary COPY of a column with nulls")
+        if kind == "text":
+            b = col.cast(pa.binary())
+            fields.append((">i4", pc.binary_length(b).to_numpy(zero_copy_only=False)))
+            flush()
+            parts.append(b)
+        elif kind == "date":
+            fields += [(">i4", 4), (">i4", col.cast(pa.int32()).to_numpy() - PG_EPOCH_DAYS)]
+        elif kind == "bigint":
+            fields += [(">i4", 8), (">i8", col.cast(pa.int64()).to_numpy())]
+        elif kind == "double precision":
+            fields += [(">i4", 8), (">f8", col.cast(pa.float64()).to_numpy())]
+        elif kind == "timestamp with time zone":
+            us = col.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+            fields += [(">i4", 8), (">i8", us.to_numpy() - PG_EPOCH_US)]
+        else:
+            raise TypeError(f"no binary COPY encoding for {col.type}")
+    if fields:
+        flush()
+    rows = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, pa.scalar(b"", pa.binary()))
+    end = np.frombuffer(rows.buffers()[1], dtype=np.int32, count=n + 1, offset=4 * rows.offset)[-1]
+    return rows.buffers()[2].slice(0, int(end))
+
+
 def _csv_slices(table: pa.Table, rows: int) -> Any:
     """CSV (no header) of successive row slices; Arrow quotes every string, so "" stays "" and NULL is empty."""
     import pyarrow.csv as pacsv
@@ -217,28 +300,226 @@ def _csv_slices(table: pa.Table, rows: int) -> Any:
         yield buf.getbuffer()
 
 
-def _write_postgres(wh: Any, table: pa.Table, ds: dt.date, scenario: str) -> int:
-    cols = ", ".join(q(c) for c in table.column_names)
-    copy_sql = f"COPY {q(TABLE)} ({cols}) FROM STDIN WITH (FORMAT csv)"
-    with wh.transaction():
-        # A second publisher of the same partition waits here instead of failing on the primary key.
-        wh.execute("SELECT pg_advisory_xact_lock(hashtext(:t), hashtext(:k))",
-                   {"t": TABLE, "k": f"{ds.isoformat()}/{scenario}"})
-        wh.execute(f"DELETE FROM {q(TABLE)} WHERE {q('ds')} = :ds AND {q('scenario')} = :s", {"ds": ds, "s": scenario})
-        if table.num_rows:
-            with wh._connection() as conn:  # the transaction's connection: COPY joins the same transaction
-                from psycopg.copy import QueuedLibpqWriter
+def _binary_slices(table: pa.Table, rows: int) -> Any:
+    yield _COPY_HEADER
+    for start in range(0, table.num_rows, rows):
+        yield _binary_rows(table.slice(start, rows))
+    yield _COPY_TRAILER
 
-                cur = conn.connection.driver_connection.cursor()
-                try:
-                    # A writer thread sends while Arrow (GIL released) renders the next slice.
-                    with cur.copy(copy_sql, writer=QueuedLibpqWriter(cur)) as copy:
-                        for chunk in _csv_slices(table, COPY_SLICE_ROWS):
-                            copy.write(chunk)
-                except Exception as e:  # noqa: BLE001 - any driver error: the transaction rolls back
-                    raise WarehouseError(f"COPY of scenario {scenario} failed: {str(e).splitlines()[0]}",
-                                         table=TABLE, ds=ds) from e
-        return _check_count(wh, ds, scenario, table.num_rows)
+
+def _pg_names(ds: dt.date, scenario: str | None = None) -> str:
+    """The day table, or the leaf of a scenario: any scenario name gives a valid, distinct identifier."""
+    day = f"{TABLE}_{ds:%Y%m%d}"
+    if scenario is None:
+        return day
+    slug = re.sub(r"[^a-z0-9]+", "_", scenario.lower()).strip("_")[:12]
+    return f"{day}_{slug}_{hashlib.sha1(scenario.encode()).hexdigest()[:8]}"
+
+
+class _PG:
+    """Raw psycopg access inside the warehouse's current transaction (DDL needs literals, COPY needs a cursor)."""
+
+    def __init__(self, wh: Any) -> None:
+        self.wh = wh
+
+    def _raw(self) -> Any:
+        return self.wh._conn.connection.driver_connection
+
+    def run(self, stmt: str, *args: Any) -> list[tuple]:
+        from psycopg import sql
+
+        raw = self._raw()
+        text = sql.SQL(stmt).format(*(a if isinstance(a, sql.Composable) else sql.Literal(a) for a in args))
+        cur = raw.execute(text)
+        return cur.fetchall() if cur.description else []
+
+    def relkind(self, name: str) -> str | None:
+        got = self.run("SELECT c.relkind FROM pg_class c WHERE c.relname = {} "
+                       "AND c.relnamespace = current_schema()::regnamespace", name)
+        return got[0][0] if got else None
+
+    def parent(self, name: str) -> str | None:
+        got = self.run("SELECT p.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                       "JOIN pg_class p ON p.oid = i.inhparent WHERE c.relname = {} "
+                       "AND c.relnamespace = current_schema()::regnamespace", name)
+        return got[0][0] if got else None
+
+    def columns(self, name: str) -> dict[str, str]:
+        return dict(self.run("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = {} "
+                             "AND table_schema = current_schema() ORDER BY ordinal_position", name))
+
+    def lock(self, key: str) -> None:
+        self.run("SELECT pg_advisory_xact_lock(hashtext({}), hashtext({}))", TABLE, key)
+
+
+def _id(name: str) -> Any:
+    from psycopg import sql
+
+    return sql.Identifier(check_identifier(name, "table"))
+
+
+def _pg_ensure_partitioned(wh: Any) -> None:
+    """Turn a plain daily_recommendations (created by ensure_contract_tables or an earlier mtrec) into the
+    partitioned layout, moving its rows and grants; idempotent and serialised between processes."""
+    with wh.transaction():
+        pg = _PG(wh)
+        if pg.relkind(TABLE) == "p":
+            return
+        pg.lock("layout")
+        if pg.relkind(TABLE) != "r":
+            return
+        old = f"{TABLE}_unpartitioned"
+        cols = [_id(c) for c in pg.columns(TABLE)]
+        from psycopg import sql
+
+        col_list = sql.SQL(", ").join(cols)
+        pg.run("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", _id(TABLE))
+        grants = pg.run("SELECT a.privilege_type, a.is_grantable, coalesce(r.rolname, 'PUBLIC') "
+                        "FROM pg_class c, aclexplode(c.relacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee "
+                        "WHERE c.oid = {}::regclass AND a.grantee <> c.relowner", TABLE)
+        pg.run("ALTER TABLE {} RENAME TO {}", _id(TABLE), _id(old))
+        for (con,) in pg.run("SELECT conname FROM pg_constraint WHERE conrelid = {}::regclass AND contype = 'p'", old):
+            pg.run("ALTER TABLE {} RENAME CONSTRAINT {} TO {}", _id(old), sql.Identifier(con), _id(f"{old}_pkey"))
+        pg.run("CREATE TABLE {} (LIKE {}) PARTITION BY LIST (ds)", _id(TABLE), _id(old))
+        pg.run("ALTER TABLE {} ADD PRIMARY KEY ({})", _id(TABLE), sql.SQL(", ").join(_id(c) for c in PK))
+        pg.run("CREATE TABLE {} PARTITION OF {} DEFAULT", _id(f"{TABLE}_default"), _id(TABLE))
+        for priv, grantable, role in grants:
+            pg.run("GRANT " + priv + " ON {} TO " + ("PUBLIC" if role == "PUBLIC" else "{}")
+                   + (" WITH GRANT OPTION" if grantable else ""), _id(TABLE),
+                   *(() if role == "PUBLIC" else (sql.Identifier(role),)))
+        for (day,) in pg.run("SELECT DISTINCT ds FROM {} WHERE ds IS NOT NULL", _id(old)):
+            _pg_ensure_day(pg, day)
+        pg.run("INSERT INTO {} ({}) SELECT {} FROM {}", _id(TABLE), col_list, col_list, _id(old))
+        pg.run("DROP TABLE {}", _id(old))
+        log.info("%s: converted to one partition per (ds, scenario)", TABLE)
+
+
+def _pg_ensure_day(pg: _PG, ds: dt.date) -> str:
+    """The day's sub-partitioned table, attached (rows of that day in the DEFAULT partition move into it)."""
+    from psycopg import sql
+
+    day = _pg_names(ds)
+    if pg.relkind(day) == "p" and pg.parent(day) == TABLE:
+        return day
+    cols = sql.SQL(", ").join(_id(c) for c in pg.columns(TABLE))
+    pg.run("CREATE TABLE {} (LIKE {}) PARTITION BY LIST (scenario)", _id(day), _id(TABLE))
+    pg.run("CREATE TABLE {} PARTITION OF {} DEFAULT", _id(f"{day}_default"), _id(day))
+    default = f"{TABLE}_default"
+    if pg.relkind(default) and pg.parent(default) == TABLE:
+        pg.run("WITH moved AS (DELETE FROM {} WHERE ds = {} RETURNING {}) INSERT INTO {} ({}) SELECT * FROM moved",
+               _id(default), ds, cols, _id(day), cols)
+    # SHARE UPDATE EXCLUSIVE on the parent: readers of other days go on.
+    pg.run("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES IN ({})", _id(TABLE), _id(day), ds)
+    return day
+
+
+def _pg_load(pg: _PG, table: pa.Table, ds: dt.date, scenario: str, binary: bool) -> str:
+    """COPY a validated scenario into a new table shaped like the leaf (bounds checked, primary key built)."""
+    from psycopg import sql
+    from psycopg.copy import QueuedLibpqWriter
+
+    fresh = f"{_pg_names(ds, scenario)}_n"
+    pg.run("CREATE TABLE {} (LIKE {}, CONSTRAINT partition_bounds CHECK (ds = {} AND scenario = {}))",
+           _id(fresh), _id(TABLE), ds, scenario)
+    if table.num_rows:
+        cols = sql.SQL(", ").join(_id(c) for c in table.column_names)
+        fmt = sql.SQL("binary" if binary else "csv")
+        # FREEZE: the table is new in this transaction, so its rows need no later visibility work.
+        stmt = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT {}, FREEZE)").format(_id(fresh), cols, fmt)
+        cur = pg._raw().cursor()
+        try:
+            # A writer thread sends while numpy/Arrow (GIL released) encode the next slice.
+            with cur.copy(stmt, writer=QueuedLibpqWriter(cur)) as copy:
+                for chunk in (_binary_slices if binary else _csv_slices)(table, COPY_SLICE_ROWS):
+                    copy.write(chunk)
+        except Exception as e:  # noqa: BLE001 - any driver error: the transaction rolls back
+            raise WarehouseError(f"COPY of scenario {scenario} failed: {str(e).splitlines()[0]}",
+                                 table=TABLE, ds=ds) from e
+    # Built once over rows COPYed in key order: a near-linear pass, not one index insert per row.
+    pg.run("ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY ({})", _id(fresh), _id(f"{fresh}_pkey"),
+           sql.SQL(", ").join(_id(c) for c in PK))
+    return fresh
+
+
+def _pg_swap(pg: _PG, fresh: str, ds: dt.date, scenario: str) -> None:
+    """Replace the scenario's leaf by the loaded table (the caller holds the day's lock; commit follows)."""
+    day = _pg_ensure_day(pg, ds)
+    leaf = _pg_names(ds, scenario)
+    # Rows of this scenario written to the day's DEFAULT partition by another writer are replaced too.
+    pg.run("DELETE FROM {} WHERE scenario = {}", _id(f"{day}_default"), scenario)
+    if pg.relkind(leaf):
+        if pg.parent(leaf) != day:
+            raise WarehouseError(f"scenario {scenario}: table {leaf} exists but is not the partition of {day}",
+                                 table=TABLE, ds=ds)
+        pg.run("DROP TABLE {}", _id(leaf))  # ACCESS EXCLUSIVE on the day until the commit
+    pg.run("ALTER TABLE {} RENAME TO {}", _id(fresh), _id(leaf))
+    pg.run("ALTER TABLE {} RENAME CONSTRAINT {} TO {}", _id(leaf), _id(f"{fresh}_pkey"), _id(f"{leaf}_pkey"))
+    # partition_bounds implies the partition constraint: ATTACH scans nothing.
+    pg.run("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES IN ({})", _id(day), _id(leaf), scenario)
+
+
+def _pg_type(t: pa.DataType) -> str | None:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    if pa.types.is_date32(t):
+        return "date"
+    if pa.types.is_integer(t):
+        return "bigint"
+    if pa.types.is_floating(t):
+        return "double precision"
+    if pa.types.is_timestamp(t) and t.tz is not None:
+        return "timestamp with time zone"
+    return None
+
+
+def _binary_ok(pg: _PG, schema: pa.Schema) -> bool:
+    """Binary COPY needs each column's table type to be the one its values encode (an older table may differ:
+    then CSV, which the server converts)."""
+    have = pg.columns(TABLE)
+    return all(have.get(f.name) == _pg_type(f.type) is not None for f in schema)
+
+
+def _publish_postgres(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Any, names: list[str],
+                      staged: dict[str, int], warnings: list[str]) -> tuple[dict[str, int], dict[str, float]]:
+    """All scenarios of the run in one transaction: each is read, validated and loaded into a table of its own
+    (the next one is read and validated meanwhile), then all are swapped in and counted, then one commit.
+    Nothing is visible before the commit, so a bad scenario or a killed writer leaves every partition as it was."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _pg_ensure_partitioned(wh)
+    rows: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    fresh: dict[str, str] = {}
+    with wh.transaction(), ThreadPoolExecutor(1) as pool:
+        pg = _PG(wh)
+        for s in sorted(names):  # one order for every publisher: no deadlock between overlapping runs
+            # A second publisher of the same partition waits here (the key earlier versions used too).
+            pg.lock(f"{ds.isoformat()}/{s}")
+        binary = None
+        pending = pool.submit(load_staged, cfg, ds, run_id, names[0], staged[names[0]])
+        for i, s in enumerate(names):
+            t0 = time.perf_counter()
+            table, warn = pending.result()
+            warnings += warn
+            if i + 1 < len(names):
+                pending = pool.submit(load_staged, cfg, ds, run_id, names[i + 1], staged[names[i + 1]])
+            if binary is None:
+                binary = _binary_ok(pg, table.schema)
+            fresh[s] = _pg_load(pg, table, ds, s, binary)
+            rows[s] = table.num_rows
+            del table
+            seconds[s] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pg.lock(ds.isoformat())  # days are created and swapped one publisher at a time
+        for s in names:
+            _pg_swap(pg, fresh[s], ds, s)
+        for s in names:
+            rows[s] = _check_count(wh, ds, s, rows[s])
+        swap = time.perf_counter() - t0
+    for s in names:
+        seconds[s] = round(seconds[s] + swap / len(names), 3)
+        log.info("publish %s/%s: %d rows in %.2fs", ds, s, rows[s], seconds[s])
+    return rows, seconds
 
 
 def _write_duckdb(wh: Any, table: pa.Table, ds: dt.date, scenario: str) -> int:
@@ -274,6 +555,17 @@ def _write_generic(wh: Warehouse, table: pa.Table, ds: dt.date, scenario: str) -
         return _check_count(wh, ds, scenario, table.num_rows)
 
 
+def _write_postgres(wh: Any, table: pa.Table, ds: dt.date, scenario: str) -> int:
+    _pg_ensure_partitioned(wh)
+    with wh.transaction():
+        pg = _PG(wh)
+        pg.lock(f"{ds.isoformat()}/{scenario}")
+        fresh = _pg_load(pg, table, ds, scenario, _binary_ok(pg, table.schema))
+        pg.lock(ds.isoformat())
+        _pg_swap(pg, fresh, ds, scenario)
+        return _check_count(wh, ds, scenario, table.num_rows)
+
+
 def write_partition(wh: Warehouse, table: pa.Table, ds: dt.date, scenario: str) -> int:
     """Replace the (ds, scenario) partition with a validated table in one transaction; return the row count."""
     try:
@@ -290,18 +582,10 @@ def write_partition(wh: Warehouse, table: pa.Table, ds: dt.date, scenario: str) 
 
 
 # -- the stage ----------------------------------------------------------------------------------------------
-def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: list[str] | None) -> PublishResult:
-    marker = read_success(cfg, ds, run_id)
-    staged: dict[str, int] = marker["scenarios"]
-    names = list(staged) if scenarios is None else list(dict.fromkeys(scenarios))
-    unknown = [s for s in names if s not in staged]
-    if unknown:
-        raise StageError(f"scenario(s) {', '.join(unknown)} not staged by run {run_id} "
-                         f"(staged: {', '.join(staged) or 'none'}): run `mtrec score` for them first",
-                         table=TABLE, ds=ds)
-    # Validate every scenario before writing any, so that bad input publishes nothing. Validated tables are
-    # kept for the write pass up to KEEP_ROWS in all; the others are read (and checked) again when written.
-    warnings: list[str] = []
+def _publish_each(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, names: list[str],
+                  staged: dict[str, int], warnings: list[str]) -> tuple[dict[str, int], dict[str, float]]:
+    """One transaction per scenario, after all are validated (bad input publishes nothing). Validated tables
+    are kept for the write pass up to KEEP_ROWS in all; the others are read (and checked) again when written."""
     kept: dict[str, pa.Table] = {}
     kept_rows = 0
     for s in names:
@@ -319,6 +603,29 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         del table
         seconds[s] = round(time.perf_counter() - t0, 3)
         log.info("publish %s/%s: %d rows in %.2fs", ds, s, rows[s], seconds[s])
+    return rows, seconds
+
+
+def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: list[str] | None) -> PublishResult:
+    marker = read_success(cfg, ds, run_id)
+    staged: dict[str, int] = marker["scenarios"]
+    names = list(staged) if scenarios is None else list(dict.fromkeys(scenarios))
+    unknown = [s for s in names if s not in staged]
+    if unknown:
+        raise StageError(f"scenario(s) {', '.join(unknown)} not staged by run {run_id} "
+                         f"(staged: {', '.join(staged) or 'none'}): run `mtrec score` for them first",
+                         table=TABLE, ds=ds)
+    warnings: list[str] = []
+    if wh.dialect == "postgresql" and hasattr(wh, "_connection") and names:
+        try:
+            rows, seconds = _publish_postgres(cfg, ds, run_id, wh, names, staged, warnings)
+        except MtrecError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. a failed commit: name the table and date, one line
+            raise WarehouseError(f"publishing scenario(s) {', '.join(names)} failed: {str(e).splitlines()[0]}",
+                                 table=TABLE, ds=ds) from e
+    else:
+        rows, seconds = _publish_each(cfg, ds, run_id, wh, names, staged, warnings)
     total = sum(rows.values())
     model_version = marker.get("model_version")
     per = ", ".join(f"{s} {n}" for s, n in rows.items())
