@@ -166,12 +166,14 @@ def validate_staged(cfg: MtrecConfig, ds: dt.date, scenario: str, table: pa.Tabl
             if lo < 0 or hi > 1:
                 raise _fail(f"{where}: probability outside [0, 1] (min {lo}, max {hi})", c, ds)
     # Rows in key order: duplicates are neighbours, and PostgreSQL builds the primary key over presorted rows.
-    out = out.take(pc.sort_indices(out, [(k, "ascending") for k in KEY]))
+    # A column with one value (ds, scenario, often model_version...) is already in any order.
+    order = pc.sort_indices(out, [(k, "ascending") for k in KEY])
+    out = pa.table({c: out[c] if _single_value(out[c]) is not None else out[c].take(order) for c in out.column_names})
     dup = _first_adjacent_duplicate(out, KEY)
     if dup is not None:
         raise _fail(f"{where}: duplicate (user_id, rank) = ({dup[0]}, {dup[1]})", "rank", ds)
     warnings = []
-    dup_item = _first_duplicate(out, ("user_id", "item_id"))
+    dup_item = _first_repeated_item(out)
     if dup_item is not None:
         warnings.append(f"scenario {scenario}: item {dup_item[1]} recommended twice to user {dup_item[0]}")
     return out, warnings
@@ -193,12 +195,32 @@ def _first_adjacent_duplicate(table: pa.Table, key: tuple[str, ...]) -> tuple | 
     return tuple(table[c][i].as_py() for c in key)
 
 
-def _first_duplicate(table: pa.Table, key: tuple[str, ...]) -> tuple | None:
-    counts = table.select(list(key)).group_by(list(key), use_threads=True).aggregate([([], "count_all")])
-    dup = counts.filter(pc.greater(counts["count_all"], 1))
-    if dup.num_rows == 0:
+def _first_repeated_item(table: pa.Table) -> tuple[str, str] | None:
+    """A (user_id, item_id) that occurs twice, if any, in a table sorted by user_id: on integer keys
+    (user run number, item dictionary index), cheaper than grouping by two strings."""
+    n = table.num_rows
+    if n < 2:
         return None
-    return tuple(dup[c][0].as_py() for c in key)
+    users = table["user_id"]
+    new_user = pc.not_equal(users.slice(1), users.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    user_no = np.concatenate([[0], np.cumsum(new_user, dtype=np.int64)])
+    items = pc.dictionary_encode(table["item_id"]).combine_chunks().indices.to_numpy().astype(np.int64)
+    key = (user_no << 32) | items
+    ordered = np.sort(key)
+    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if not same.size:
+        return None
+    i = int(np.flatnonzero(key == ordered[same[0]])[0])
+    return table["user_id"][i].as_py(), table["item_id"][i].as_py()
+
+
+def _single_value(col: pa.ChunkedArray) -> Any:
+    """The value of a column whose rows all hold the same non-null value, else None."""
+    if not len(col) or col.null_count:
+        return None
+    lo_hi = pc.min_max(col)
+    lo, hi = lo_hi["min"], lo_hi["max"]
+    return lo.as_py() if lo.is_valid and lo == hi else None
 
 
 def load_staged(cfg: MtrecConfig, ds: dt.date, run_id: str, scenario: str,
@@ -413,6 +435,18 @@ def _pg_ensure_day(pg: _PG, ds: dt.date) -> str:
     return day
 
 
+def _constant_columns(table: pa.Table) -> dict[str, Any]:
+    """Non-key, non-float columns holding a single value (floats: no literal round trip to worry about)."""
+    out = {}
+    for f in table.schema:
+        if f.name in KEY or pa.types.is_floating(f.type) or _pg_type(f.type) is None:
+            continue
+        value = _single_value(table[f.name])
+        if value is not None:
+            out[f.name] = value
+    return out
+
+
 def _pg_load(pg: _PG, table: pa.Table, ds: dt.date, scenario: str, binary: bool) -> str:
     """COPY a validated scenario into a new table shaped like the leaf (bounds checked, primary key built)."""
     from psycopg import sql
@@ -422,6 +456,13 @@ def _pg_load(pg: _PG, table: pa.Table, ds: dt.date, scenario: str, binary: bool)
     pg.run("CREATE TABLE {} (LIKE {}, CONSTRAINT partition_bounds CHECK (ds = {} AND scenario = {}))",
            _id(fresh), _id(TABLE), ds, scenario)
     if table.num_rows:
+        # Columns with one value in the whole partition (ds, scenario, and usually model_version, run_id,
+        # created_at) are not sent: the server fills them in from a default set for the load only.
+        same = _constant_columns(table)
+        if same:
+            pg.run("ALTER TABLE {} " + ", ".join(["ALTER COLUMN {} SET DEFAULT {}"] * len(same)), _id(fresh),
+                   *itertools.chain.from_iterable((_id(c), v) for c, v in same.items()))
+            table = table.drop_columns(list(same))
         cols = sql.SQL(", ").join(_id(c) for c in table.column_names)
         fmt = sql.SQL("binary" if binary else "csv")
         # FREEZE: the table is new in this transaction, so its rows need no later visibility work.
@@ -435,6 +476,9 @@ def _pg_load(pg: _PG, table: pa.Table, ds: dt.date, scenario: str, binary: bool)
         except Exception as e:  # noqa: BLE001 - any driver error: the transaction rolls back
             raise WarehouseError(f"COPY of scenario {scenario} failed: {str(e).splitlines()[0]}",
                                  table=TABLE, ds=ds) from e
+        if same:
+            pg.run("ALTER TABLE {} " + ", ".join(["ALTER COLUMN {} DROP DEFAULT"] * len(same)), _id(fresh),
+                   *(_id(c) for c in same))
     # Built once over rows COPYed in key order: a near-linear pass, not one index insert per row.
     pg.run("ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY ({})", _id(fresh), _id(f"{fresh}_pkey"),
            sql.SQL(", ").join(_id(c) for c in PK))
