@@ -173,7 +173,7 @@ class ScoringSpec(_Section):
     top_k: int = Field(10, ge=1)
     users: Literal["active", "all"] = "active"
     active_window_days: int = Field(7, ge=1)
-    batch_users: int = Field(4096, ge=1)
+    batch_users: int = Field(16384, ge=1)
     candidates: CandidateSpec = Field(default_factory=CandidateSpec)
     fusion: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="per-scenario weights over task probabilities; default: task weights")

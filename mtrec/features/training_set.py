@@ -82,11 +82,16 @@ def sequences_for(wh: Warehouse, cfg: MtrecConfig, keys: pd.DataFrame) -> np.nda
         wh.execute(f"DROP TABLE IF EXISTS {q(scratch)}")
     if seq.empty:
         return out
-    seq["cutoff"] = pd.to_datetime(seq["cutoff"], utc=True)
-    index = pd.MultiIndex.from_frame(keys[["user_id", "cutoff"]].assign(cutoff=pd.to_datetime(keys["cutoff"], utc=True)))
-    # map each (user, cutoff) of the result to every row of `keys` with that pair
-    pair_ids, uniques = pd.MultiIndex.from_frame(seq[["user_id", "cutoff"]]).factorize()
-    row_pairs = uniques.get_indexer(index)
+    if len(k) == k["user_id"].nunique():  # one cutoff per user (scoring): map by user alone
+        pair_ids, uniques = pd.factorize(seq["user_id"])
+        row_pairs = pd.Index(uniques).get_indexer(keys["user_id"])
+    else:
+        seq["cutoff"] = pd.to_datetime(seq["cutoff"], utc=True)
+        index = pd.MultiIndex.from_frame(keys[["user_id", "cutoff"]].assign(cutoff=pd.to_datetime(keys["cutoff"],
+                                                                                                  utc=True)))
+        # map each (user, cutoff) of the result to every row of `keys` with that pair
+        pair_ids, uniques = pd.MultiIndex.from_frame(seq[["user_id", "cutoff"]]).factorize()
+        row_pairs = uniques.get_indexer(index)
     table = np.full((len(uniques) + 1, n), "", dtype=object)  # last row: users without history
     table[pair_ids, seq["rn"].to_numpy().astype(int) - 1] = seq["item_id"].to_numpy()
     return table[np.where(row_pairs >= 0, row_pairs, len(uniques))]

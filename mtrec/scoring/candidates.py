@@ -97,33 +97,71 @@ def item_vectors(embeddings: ItemEmbeddings | None, items: list[str]) -> tuple[t
     return torch.nn.functional.normalize(torch.from_numpy(out), dim=1), torch.from_numpy(has)
 
 
-def candidate_mask(cfg: MtrecConfig, uni: Universe, sequences: np.ndarray, vectors: torch.Tensor,
-                   has_vector: torch.Tensor) -> torch.Tensor:
-    """Bool [U, I]: which universe items are candidates for each user of the chunk."""
-    c = cfg.scoring.candidates
-    n_users, n_items = len(sequences), len(uni.items)
-    mask = torch.zeros((n_users, n_items), dtype=torch.bool)
-    if n_items == 0:
-        return mask
-    common = np.concatenate([uni.popular, uni.fresh[uni.fresh >= 0]])
-    mask[:, torch.from_numpy(common)] = True
-    seq_idx = pd.Index(uni.items).get_indexer(pd.Index(sequences.ravel())).reshape(sequences.shape) \
-        if sequences.size else np.full((n_users, 0), -1)
-    seen = torch.from_numpy(seq_idx)
-    if c.similar and bool(has_vector.any()) and seen.shape[1]:
-        valid = seen >= 0
-        gathered = vectors[seen.clamp_min(0)] * (valid & has_vector[seen.clamp_min(0)]).unsqueeze(-1)
-        profile = torch.nn.functional.normalize(gathered.sum(1), dim=1)
-        has_profile = gathered.abs().sum((1, 2)) > 0
-        sims = profile @ vectors.T
-        sims[:, ~has_vector] = -2.0
-        k = min(c.similar, n_items)
-        top = torch.topk(sims, k, dim=1).indices
-        rows = torch.arange(n_users).unsqueeze(1).expand_as(top)
-        pick = has_profile.unsqueeze(1).expand_as(top)
-        mask[rows[pick], top[pick]] = True
-    if c.exclude_seen and seen.shape[1]:
-        rows = torch.arange(n_users).unsqueeze(1).expand_as(seen)
+SIMILARITY_TABLE_ITEMS = 4096  # up to this universe size the item x item cosine table is precomputed
+
+
+class SimilarItems:
+    """The universe items nearest by title embedding to the mean of a user's recent positives.
+
+    The score of item j for a user with positives s_1..s_n is cos(sum_k v_{s_k}, v_j), ranked per user, so the
+    norm of the sum does not matter and the score is sum_k <v_{s_k}, v_j>. For a universe of up to
+    SIMILARITY_TABLE_ITEMS items the item x item table is computed once per scenario and a user's scores are an
+    embedding bag over its rows (L x I additions per user instead of D x I multiply-adds); above that, the
+    summed vectors are multiplied by the universe matrix.
+    """
+
+    def __init__(self, vectors: torch.Tensor, has_vector: torch.Tensor, k: int) -> None:
+        n = len(has_vector)
+        self.n, self.has_vector = n, has_vector
+        self.k = min(k, int(has_vector.sum()))
+        v = vectors * has_vector.unsqueeze(1)
+        self.vectors = torch.cat([v, torch.zeros(1, v.shape[1])])  # last row: padding
+        self.table = torch.cat([v @ v.T, torch.zeros(1, n)]) if n <= SIMILARITY_TABLE_ITEMS else None
+
+    def top(self, seen: torch.Tensor) -> torch.Tensor:
+        """seen [U, L] universe indices (-1: none) -> [U, k] nearest items, -1 for users without a profile."""
         ok = seen >= 0
-        mask[rows[ok], seen[ok]] = False
-    return mask
+        ok[ok.clone()] = self.has_vector[seen[ok]]
+        bag = torch.where(ok, seen, torch.full_like(seen, self.n))
+        if self.table is not None:
+            sims = torch.nn.functional.embedding_bag(bag, self.table, mode="sum", padding_idx=self.n)
+        else:
+            sims = torch.nn.functional.embedding_bag(bag, self.vectors, mode="sum", padding_idx=self.n) \
+                @ self.vectors[:-1].T
+        sims[:, ~self.has_vector] = float("-inf")
+        top = torch.topk(sims, self.k, dim=1).indices
+        return torch.where(ok.any(1, keepdim=True), top, torch.full_like(top, -1))
+
+
+def similar_items(cfg: MtrecConfig, embeddings: ItemEmbeddings | None, items: list[str]) -> SimilarItems | None:
+    """Built once per scenario; None when the similar-items source is off or no universe item has a title."""
+    vectors, has_vector = item_vectors(embeddings, items)
+    if not cfg.scoring.candidates.similar or not bool(has_vector.any()):
+        return None
+    return SimilarItems(vectors, has_vector, cfg.scoring.candidates.similar)
+
+
+def candidate_grid(cfg: MtrecConfig, uni: Universe, seen: torch.Tensor,
+                   similar: SimilarItems | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user's candidates as a padded grid: (cand [U, W] universe indices, valid [U, W]).
+
+    seen [U, L]: universe index of each item of the user's recent positives (-1: none or not in the universe).
+    Candidates = the scenario's popular and fresh items + the user's similar items, minus seen items when
+    `exclude_seen`; each row lists its candidates in universe order, then padding (index 0, valid False).
+    """
+    n_users, n_items = seen.shape[0], len(uni.items)
+    common = torch.from_numpy(np.unique(np.concatenate([uni.popular, uni.fresh[uni.fresh >= 0]])).astype(np.int64))
+    parts = [common.unsqueeze(0).expand(n_users, -1)]
+    if similar is not None and seen.shape[1] and similar.k:
+        parts.append(similar.top(seen))
+    cand = torch.cat(parts, 1).sort(dim=1).values if n_items else torch.zeros((n_users, 0), dtype=torch.long)
+    invalid = cand < 0
+    invalid[:, 1:] |= cand[:, 1:] == cand[:, :-1]  # repeated (popular and similar, say)
+    if cfg.scoring.candidates.exclude_seen and seen.shape[1] and cand.shape[1]:
+        invalid |= (cand.unsqueeze(-1) == seen.unsqueeze(1)).any(-1)
+    counts = (~invalid).sum(1)
+    width = max(int(counts.max()) if n_users and cand.shape[1] else 0, 1)
+    order = torch.argsort(cand + invalid.long() * (n_items + 1), dim=1)[:, :width]
+    cand = cand.gather(1, order) if cand.shape[1] else torch.zeros((n_users, width), dtype=torch.long)
+    valid = torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)
+    return torch.where(valid, cand, torch.zeros_like(cand)), valid

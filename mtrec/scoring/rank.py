@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -18,13 +19,13 @@ import torch
 from mtrec import schema as S
 from mtrec.config import MtrecConfig
 from mtrec.features.training_set import build_scoring_table
-from mtrec.scoring.candidates import Universe, candidate_mask, item_vectors
+from mtrec.scoring.candidates import Universe, candidate_grid, similar_items
 from mtrec.training.encoding import to_device
 from mtrec.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 
-PAIR_CHUNK = 65_536
+PAIR_CHUNK = 2_048
 MASK_CELLS = 20_000_000  # user chunk x universe cells kept in memory at once
 
 
@@ -116,9 +117,14 @@ def _fuse(probs: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Te
     return out
 
 
+def _constant(value, n: int, type_: pa.DataType) -> pa.Array:
+    return pa.array([value], type=type_).take(pa.array(np.zeros(n, np.int32)))
+
+
 def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, users: list[str],
-                  scorer: Scorer, *, run_id: str, created_at: dt.datetime, on_chunk=None) -> Iterator[pd.DataFrame]:
-    """Yield the top-K rows of every user of the scenario, one user chunk at a time."""
+                  scorer: Scorer, *, run_id: str, created_at: dt.datetime, on_chunk=None,
+                  store=None) -> Iterator[pa.Table]:
+    """Yield the top-K rows of every user of the scenario (Arrow, `arrow_schema(cfg)`), one user chunk at a time."""
     k = cfg.scoring.top_k
     weights = cfg.fusion_weights(uni.scenario)
     n_items = len(uni.items)
@@ -127,59 +133,92 @@ def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, u
     from mtrec.features import store as FS
     from mtrec.features.training_set import load_item_embeddings, retrieve_side
 
-    store = FS.feature_store(cfg)
+    schema = arrow_schema(cfg)
+    store = store or FS.feature_store(cfg)
     embeddings = load_item_embeddings(cfg, wh)  # once per scenario, shared by every chunk
     item_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
         {"user_id": "", "scenario": uni.scenario, "item_id": uni.items}), sides=("item",), store=store,
         embeddings=embeddings)
-    # one retrieval of the user side for every user of the scenario; chunks only build their sequences
+    # one retrieval of the user side for every user of the scenario; chunks take their rows by position
     user_features = retrieve_side(cfg, ds, "user", users, uni.scenario, store=store)
+    feature_row = pd.Index(user_features["user_id"]).get_indexer(pd.Index(users))
     i_side = scorer.items(item_table, uni)
-    vectors, has_vector = item_vectors(embeddings, uni.items)
+    similar = similar_items(cfg, embeddings, uni.items)
+    item_index = pd.Index(uni.items)
+    item_ids = pa.array(uni.items, type=pa.string())
     chunk = max(16, min(cfg.scoring.batch_users, MASK_CELLS // max(n_items, 1)))
-    for start in range(0, len(users), chunk):
+
+    def prepare(start: int) -> tuple[list[str], dict, torch.Tensor, torch.Tensor]:
+        """A chunk's user side and candidate grid (features, sequences, encoding, candidates)."""
         ids = users[start:start + chunk]
+        rows_of_chunk = feature_row[start:start + chunk]
         user_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
             {"user_id": ids, "scenario": uni.scenario, "item_id": ""}), sides=("user",),
-            prefetched={"user": user_features}, store=store, embeddings=embeddings)
+            prefetched={"user": user_features.iloc[rows_of_chunk[rows_of_chunk >= 0]]}, store=store,
+            embeddings=embeddings)
         u_side = scorer.users(user_table)
-        seq = user_table.sequences if user_table.sequences is not None else np.zeros((len(ids), 0), dtype=object)
-        mask = candidate_mask(cfg, uni, seq, vectors, has_vector)
-        # padded candidate grid [U, C]: each user's candidates first (item order), then -1
-        counts = mask.sum(1)
-        width = max(int(counts.max()) if len(counts) else 0, 1)
-        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
-        valid = torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)
-        cand = torch.where(valid, order, torch.zeros_like(order))
-        scores = torch.full((len(ids), width), float("-inf"))
-        probs = {t: torch.zeros((len(ids), width)) for t in scorer.tasks}
-        step = max(1, PAIR_CHUNK // width)
-        for r in range(0, len(ids), step):
-            rows = slice(r, min(r + step, len(ids)))
-            p = scorer.grid(u_side, i_side, rows, cand[rows])
-            for t in scorer.tasks:
-                probs[t][rows] = p[t].float().cpu()
-            fused = _fuse(p, weights).cpu()
-            scores[rows] = torch.where(valid[rows], fused, scores[rows])
-        kk = min(k, width)
-        top_s, top_c = torch.topk(scores, kk, dim=1)
-        keep = torch.isfinite(top_s)
-        rows_u = torch.arange(len(ids)).unsqueeze(1).expand_as(top_c)[keep]
-        cols = top_c[keep]
-        ranks = (torch.arange(kk) + 1).unsqueeze(0).expand_as(top_c)[keep]
-        frame = pd.DataFrame({
-            "ds": ds, "scenario": uni.scenario, "user_id": np.asarray(ids, dtype=object)[rows_u.numpy()],
-            "rank": ranks.numpy().astype(np.int64),
-            "item_id": np.asarray(uni.items, dtype=object)[cand[rows_u, cols].numpy()],
-            "score": top_s[keep].numpy().astype(np.float64)})
-        for t in cfg.task_names:
-            frame[S.prob_column(t)] = probs[t][rows_u, cols].numpy().astype(np.float64) if t in probs else np.nan
-        frame["model_version"] = scorer.version
-        frame["run_id"] = run_id
-        frame["created_at"] = pd.Timestamp(created_at)
-        if on_chunk:
-            on_chunk(len(ids), int(counts.sum()))
-        yield frame
+        seq = user_table.sequences
+        seen = torch.from_numpy(item_index.get_indexer(pd.Index(seq.ravel())).reshape(seq.shape)) \
+            if seq is not None and seq.size else torch.full((len(ids), 0), -1, dtype=torch.long)
+        cand, valid = candidate_grid(cfg, uni, seen, similar)
+        return ids, u_side, cand, valid
+
+    # Double buffering: a worker thread prepares the next chunk (DuckDB, pandas, torch and numpy release the
+    # GIL in their kernels) while this thread runs the pair forward of the current one.
+    starts = list(range(0, len(users), chunk))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrec-score-prep") as pool:
+        pending = pool.submit(prepare, starts[0])
+        for n_done in range(len(starts)):
+            ids, u_side, cand, valid = pending.result()
+            if n_done + 1 < len(starts):
+                pending = pool.submit(prepare, starts[n_done + 1])
+            scores, probs = _score_grid(scorer, u_side, i_side, cand, valid, weights)
+            if on_chunk:
+                on_chunk(len(ids), int(valid.sum()))
+            yield _top_k(cfg, schema, ds, uni.scenario, ids, item_ids, cand, scores, probs, k,
+                         version=scorer.version, run_id=run_id, created_at=created_at)
+
+
+def _score_grid(scorer: Scorer, u_side: dict, i_side: dict, cand: torch.Tensor, valid: torch.Tensor,
+                weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Fused scores [U, W] (-inf where there is no candidate) and task probabilities, PAIR_CHUNK pairs at a time
+    (small enough for the expert activations to stay in cache)."""
+    n_users, width = cand.shape
+    scores = torch.full((n_users, width), float("-inf"))
+    probs = {t: torch.zeros((n_users, width)) for t in scorer.tasks}
+    step = max(1, PAIR_CHUNK // width)
+    for r in range(0, n_users, step):
+        rows = slice(r, min(r + step, n_users))
+        p = scorer.grid(u_side, i_side, rows, cand[rows])
+        for t in scorer.tasks:
+            probs[t][rows] = p[t].float().cpu()
+        scores[rows] = torch.where(valid[rows], _fuse(p, weights).cpu(), scores[rows])
+    return scores, probs
+
+
+def _top_k(cfg: MtrecConfig, schema: pa.Schema, ds: dt.date, scenario: str, ids: list[str], item_ids: pa.Array,
+           cand: torch.Tensor, scores: torch.Tensor, probs: dict[str, torch.Tensor], k: int, *, version: str,
+           run_id: str, created_at: dt.datetime) -> pa.Table:
+    """The rows of daily_recommendations for a chunk: each user's top-k candidates by fused score."""
+    kk = min(k, cand.shape[1])
+    top_s, top_c = torch.topk(scores, kk, dim=1)
+    keep = torch.isfinite(top_s)
+    rows_u = torch.arange(len(ids)).unsqueeze(1).expand_as(top_c)[keep]
+    cols = top_c[keep]
+    n = int(keep.sum())
+    columns = {
+        "ds": _constant(ds, n, pa.date32()), "scenario": _constant(scenario, n, pa.string()),
+        "user_id": pa.array(ids, type=pa.string()).take(pa.array(rows_u.numpy())),
+        "rank": pa.array((torch.arange(kk) + 1).unsqueeze(0).expand_as(top_c)[keep].numpy().astype(np.int64)),
+        "item_id": item_ids.take(pa.array(cand[rows_u, cols].numpy())),
+        "score": pa.array(top_s[keep].numpy().astype(np.float64))}
+    for t in cfg.task_names:
+        columns[S.prob_column(t)] = pa.array(probs[t][rows_u, cols].numpy().astype(np.float64)) \
+            if t in probs else pa.nulls(n, pa.float64())
+    columns["model_version"] = _constant(version, n, pa.string())
+    columns["run_id"] = _constant(run_id, n, pa.string())
+    columns["created_at"] = _constant(pd.Timestamp(created_at).to_pydatetime(), n, pa.timestamp("us", tz="UTC"))
+    return pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
 
 def arrow_schema(cfg: MtrecConfig) -> pa.Schema:

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mtrec.config import MtrecConfig
@@ -87,6 +86,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     from tqdm.auto import tqdm
 
     from mtrec.data.raw import known_scenarios
+    from mtrec.features import store as FS
     from mtrec.scoring.candidates import active_users, universe
     from mtrec.scoring.rank import arrow_schema, rank_scenario
 
@@ -104,6 +104,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     out = scores_dir(cfg, ds, run_id)
     out.mkdir(parents=True, exist_ok=True)
     schema = arrow_schema(cfg)
+    store = FS.feature_store(cfg)  # one Feast store for every scenario
     created = dt.datetime.now(dt.UTC)  # bookkeeping column only
     rows: dict[str, int] = {}
     users: dict[str, int] = {}
@@ -118,10 +119,10 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         n = 0
         bar = tqdm(total=len(people), desc=f"score {scenario}", unit="user", leave=False, mininterval=1.0)
         with pq.ParquetWriter(tmp, schema) as writer:
-            for frame in rank_scenario(cfg, wh, ds, uni, people, scorer, run_id=run_id, created_at=created,
-                                       on_chunk=lambda u, p, bar=bar: (bar.update(u), pairs.append(p))):
-                writer.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
-                n += len(frame)
+            for table in rank_scenario(cfg, wh, ds, uni, people, scorer, run_id=run_id, created_at=created,
+                                       on_chunk=lambda u, p, bar=bar: (bar.update(u), pairs.append(p)), store=store):
+                writer.write_table(table)
+                n += table.num_rows
         bar.close()
         os.replace(tmp, final)
         rows[scenario] = n
