@@ -482,3 +482,154 @@ def test_missing_staged_scores_is_a_stage_error(duck: MtrecConfig) -> None:
         assert wh.scalar("SELECT count(*) FROM daily_recommendations") == 0
     finally:
         wh.close()
+
+
+# -- 6. PostgreSQL layout: one leaf per (ds, scenario) --------------------------------------------------------
+def _relkind(wh: Warehouse, name: str) -> str | None:
+    return wh.scalar("SELECT relkind FROM pg_class WHERE relname = :n AND relnamespace = current_schema()::regnamespace",
+                     {"n": name})
+
+
+def _normalized(cfg: MtrecConfig, df: pd.DataFrame) -> pd.DataFrame:
+    from mtrec.warehouse.base import normalize_frame
+
+    return normalize_frame(df, S.recommendations_spec(cfg).columns)
+
+
+@pytest.mark.services
+def test_postgres_table_of_an_earlier_version_is_converted_once(tmp_path: Path, postgres_url: str) -> None:
+    """A plain daily_recommendations (as earlier versions and ensure_contract_tables create it) keeps its rows and
+    grants, becomes partitioned on the first publish, and the conversion does nothing the second time."""
+    from mtrec.warehouse import ensure_contract_tables
+
+    cfg = make_cfg(tmp_path, postgres_url)
+    old = {(PREV, "home"): staged_frame(cfg, PREV, "home", 40, run_id="r-0"),
+           (PREV, "video"): staged_frame(cfg, PREV, "video", 30, run_id="r-0", seed=1),
+           (D, "home"): staged_frame(cfg, D, "home", 50, run_id="r-0", seed=2)}
+    new = {"home": staged_frame(cfg, D, "home", 60, run_id="r-1", seed=3),
+           "search": staged_frame(cfg, D, "search", 20, run_id="r-1", seed=4)}
+    stage(cfg, D, "r-1", new)
+    wh = open_warehouse(cfg)
+    try:
+        ensure_contract_tables(wh, cfg)
+        for df in old.values():
+            wh.insert_df("daily_recommendations", _normalized(cfg, df))
+        wh.execute("GRANT SELECT ON daily_recommendations TO PUBLIC")
+        assert _relkind(wh, "daily_recommendations") == "r"
+
+        assert publish.run(cfg, D, run_id="r-1", wh=wh).rows == {"home": 600, "search": 200}
+        assert _relkind(wh, "daily_recommendations") == "p"
+        expected = canon(pd.concat([old[(PREV, "home")], old[(PREV, "video")], *new.values()]), cfg)
+        expected = expected.sort_values(["ds", "scenario", "user_id", "rank"]).reset_index(drop=True)
+        pd.testing.assert_frame_equal(everything(wh, cfg), expected)
+        assert wh.scalar("SELECT has_table_privilege('public', 'daily_recommendations', 'SELECT')")
+        tables = wh.query_df("SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
+                             "AND relkind IN ('r', 'p') ORDER BY 1")["relname"].tolist()
+        publish._pg_ensure_partitioned(wh)  # a second time: nothing to do
+        assert publish.run(cfg, D, run_id="r-1", wh=wh).rows == {"home": 600, "search": 200}
+        pd.testing.assert_frame_equal(everything(wh, cfg), expected)
+        assert wh.query_df("SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
+                           "AND relkind IN ('r', 'p') ORDER BY 1")["relname"].tolist() == tables
+        assert "daily_recommendations_unpartitioned" not in tables
+        assert publish._pg_names(D, "home") in tables and publish._pg_names(PREV) in tables
+
+        # Readers look up (ds, scenario, user_id): served by the leaf's primary key.
+        with wh.transaction():
+            wh.execute("SET LOCAL enable_seqscan = off")
+            plan = "\n".join(wh.query_df("EXPLAIN SELECT * FROM daily_recommendations WHERE ds = :d AND "
+                                         "scenario = 'home' AND user_id = 'u7'", {"d": D}).iloc[:, 0])
+        assert f"Index Scan using {publish._pg_names(D, 'home')}_pkey" in plan, plan
+    finally:
+        wh.close()
+
+
+@pytest.mark.services
+def test_postgres_rows_of_other_writers_are_replaced_and_keys_stay_unique(tmp_path: Path, postgres_url: str) -> None:
+    """Rows that insert_df put in the DEFAULT partitions (a day or a scenario without its own table yet) are
+    replaced by the publish of their partition; the primary key holds for every writer."""
+    nxt = D + dt.timedelta(days=1)
+    cfg = make_cfg(tmp_path, postgres_url)
+    stage(cfg, D, "r-1", {"home": staged_frame(cfg, D, "home", 30, run_id="r-1")})
+    stage(cfg, D, "r-2", {"video": staged_frame(cfg, D, "video", 25, run_id="r-2", seed=1)})
+    stage(cfg, nxt, "r-3", {"home": staged_frame(cfg, nxt, "home", 35, run_id="r-3", seed=2)})
+    wh = open_warehouse(cfg)
+    try:
+        publish.run(cfg, D, run_id="r-1", wh=wh)
+        other = {"video": staged_frame(cfg, D, "video", 10, run_id="other", seed=5),
+                 "search": staged_frame(cfg, D, "search", 10, run_id="other", seed=6),
+                 "next": staged_frame(cfg, nxt, "home", 10, run_id="other", seed=7)}
+        for df in other.values():
+            wh.insert_df("daily_recommendations", _normalized(cfg, df))
+        with pytest.raises(WarehouseError):  # a key already in a leaf
+            wh.insert_df("daily_recommendations", _normalized(cfg, staged_frame(cfg, D, "home", 1, run_id="x")))
+        assert wh.scalar("SELECT count(*) FROM daily_recommendations_default") == 100
+        assert wh.scalar(f"SELECT count(*) FROM {publish._pg_names(D)}_default") == 200
+
+        publish.run(cfg, D, run_id="r-2", wh=wh)
+        publish.run(cfg, nxt, run_id="r-3", wh=wh)
+        got = everything(wh, cfg)
+        assert not got.duplicated(["ds", "scenario", "user_id", "rank"]).any()
+        pd.testing.assert_frame_equal(partition(wh, cfg, D, "video"), canon(stage_frame_of(cfg, D, "r-2"), cfg))
+        pd.testing.assert_frame_equal(partition(wh, cfg, nxt, "home"), canon(stage_frame_of(cfg, nxt, "r-3"), cfg))
+        pd.testing.assert_frame_equal(partition(wh, cfg, D, "search"), canon(other["search"], cfg))
+        assert len(got) == 300 + 250 + 350 + 100
+        assert wh.scalar("SELECT count(*) FROM daily_recommendations_default") == 0
+    finally:
+        wh.close()
+
+
+def stage_frame_of(cfg: MtrecConfig, ds: dt.date, run_id: str) -> pd.DataFrame:
+    return pd.concat(pd.read_parquet(p) for p in sorted(publish.scores_dir(cfg, ds, run_id).glob("*.parquet")))
+
+
+SCENARIO_NAMES = ["home", "Home", "home feed-ä", "home_feed_a", "O'Brien \"quoted\"", "x" * 80]
+
+
+def test_any_scenario_name_gives_its_own_valid_table_name() -> None:
+    from mtrec.config import check_identifier
+
+    names = [publish._pg_names(D, s) for s in SCENARIO_NAMES]
+    assert len(set(names)) == len(names)
+    for n in names:  # raises if too long or unsafe, with the suffixes of the load table and its key
+        check_identifier(n)
+        check_identifier(f"{n}_n_pkey")
+
+
+@pytest.mark.services
+def test_postgres_arbitrary_scenario_names_and_concurrent_days(tmp_path: Path, postgres_url: str) -> None:
+    """Publishers of different scenarios of a new day (and of a fresh database) run at the same time."""
+    cfg = make_cfg(tmp_path, postgres_url)
+    frames = {s: staged_frame(cfg, D, s, 20 + i, run_id=f"r{i}", seed=i) for i, s in enumerate(SCENARIO_NAMES)}
+    for i, (s, df) in enumerate(frames.items()):
+        stage(cfg, D, f"r{i}", {s: df})
+    errors: list[BaseException] = []
+
+    def go(i: int) -> None:
+        try:
+            publish.run(cfg, D, run_id=f"r{i}")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(frames))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert errors == []
+    wh = open_warehouse(cfg)
+    try:
+        for s, df in frames.items():
+            pd.testing.assert_frame_equal(partition(wh, cfg, D, s), canon(df, cfg))
+    finally:
+        wh.close()
+
+
+def test_item_recommended_twice_is_a_warning_and_rows_come_in_key_order(tmp_path: Path, duck: MtrecConfig) -> None:
+    df = staged_frame(duck, D, "home", 30, run_id="r")
+    df.loc[27, "item_id"] = df.loc[22, "item_id"]  # user u2, ranks 3 and 8
+    stage(duck, D, "r", {"home": df.sample(frac=1, random_state=0)})
+    table, warnings = publish.load_staged(duck, D, "r", "home", 300)
+    assert warnings == [f"scenario home: item {df.loc[22, 'item_id']} recommended twice to user u2"]
+    keys = list(zip(table["user_id"].to_pylist(), table["rank"].to_pylist(), strict=True))
+    assert keys == sorted(keys)
+    assert publish.run(duck, D, run_id="r").warnings == warnings
