@@ -51,6 +51,8 @@ SUCCESS_FILE = "_SUCCESS.json"
 KEY = ("user_id", "rank")
 PK = ("ds", "scenario", *KEY)  # the primary key of daily_recommendations
 COPY_SLICE_ROWS = 50_000  # rows rendered to CSV at a time for PostgreSQL COPY
+SWAP_LOCK_TRY_MS = 200  # one attempt at the day's exclusive lock (PostgreSQL); readers behind it wait this long
+SWAP_LOCK_PATIENCE_S = 600  # attempts go on this long, then the publish fails and rolls back
 KEEP_ROWS = 2_000_000  # validated rows kept in memory between the validation and the write pass
 
 _view_ids = itertools.count()
@@ -416,6 +418,37 @@ def _pg_ensure_partitioned(wh: Any) -> None:
         log.info("%s: converted to one partition per (ds, scenario)", TABLE)
 
 
+def _pg_lock_day(pg: _PG, ds: dt.date) -> None:
+    """ACCESS EXCLUSIVE on the day and all its partitions (or, for a new day, on the DEFAULT partition it is
+    carved from), asked for in short attempts: a long reader of the day delays the publisher, while the readers
+    arriving after it wait at most one attempt instead of queueing behind the publisher's request."""
+    import psycopg
+
+    target, what = _pg_names(ds), "{}"
+    if pg.relkind(target) != "p":
+        target, what = f"{TABLE}_default", "ONLY {}"
+        if not pg.relkind(target):
+            return
+    prev = pg.run("SELECT current_setting('lock_timeout')")[0][0]
+    deadline, pause = time.monotonic() + SWAP_LOCK_PATIENCE_S, 0.05
+    while True:
+        pg.run("SAVEPOINT mtrec_swap_lock")
+        try:
+            pg.run("SELECT set_config('lock_timeout', {}, true)", f"{SWAP_LOCK_TRY_MS}ms")
+            pg.run(f"LOCK TABLE {what} IN ACCESS EXCLUSIVE MODE", _id(target))
+        except psycopg.errors.LockNotAvailable:
+            pg.run("ROLLBACK TO SAVEPOINT mtrec_swap_lock")
+            if time.monotonic() > deadline:
+                raise WarehouseError(f"{target} stayed in use by other sessions for {SWAP_LOCK_PATIENCE_S} s: "
+                                     "nothing published", table=TABLE, ds=ds) from None
+            time.sleep(pause)
+            pause = min(2 * pause, 1.0)
+            continue
+        pg.run("RELEASE SAVEPOINT mtrec_swap_lock")
+        pg.run("SELECT set_config('lock_timeout', {}, true)", prev)
+        return
+
+
 def _pg_ensure_day(pg: _PG, ds: dt.date) -> str:
     """The day's sub-partitioned table, attached (rows of that day in the DEFAULT partition move into it)."""
     from psycopg import sql
@@ -555,6 +588,7 @@ def _publish_postgres(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Any, names
             seconds[s] = time.perf_counter() - t0
         t0 = time.perf_counter()
         pg.lock(ds.isoformat())  # days are created and swapped one publisher at a time
+        _pg_lock_day(pg, ds)
         for s in names:
             _pg_swap(pg, fresh[s], ds, s)
         for s in names:
@@ -606,6 +640,7 @@ def _write_postgres(wh: Any, table: pa.Table, ds: dt.date, scenario: str) -> int
         pg.lock(f"{ds.isoformat()}/{scenario}")
         fresh = _pg_load(pg, table, ds, scenario, _binary_ok(pg, table.schema))
         pg.lock(ds.isoformat())
+        _pg_lock_day(pg, ds)
         _pg_swap(pg, fresh, ds, scenario)
         return _check_count(wh, ds, scenario, table.num_rows)
 

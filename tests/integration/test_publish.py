@@ -633,3 +633,36 @@ def test_item_recommended_twice_is_a_warning_and_rows_come_in_key_order(tmp_path
     keys = list(zip(table["user_id"].to_pylist(), table["rank"].to_pylist(), strict=True))
     assert keys == sorted(keys)
     assert publish.run(duck, D, run_id="r").warnings == warnings
+
+
+@pytest.mark.services
+def test_postgres_long_reader_delays_the_swap_but_not_the_readers_after_it(tmp_path: Path, postgres_url: str) -> None:
+    """A reader transaction open on the day holds the publisher back (the old partition stays whole); readers that
+    come after it are not queued behind the publisher's exclusive lock request."""
+    import psycopg
+
+    cfg = make_cfg(tmp_path, postgres_url)
+    stage(cfg, D, "r-old", {"home": staged_frame(cfg, D, "home", 40, run_id="r-old"),
+                            "video": staged_frame(cfg, D, "video", 20, run_id="r-old", seed=1)})
+    stage(cfg, D, "r-new", {"home": staged_frame(cfg, D, "home", 50, run_id="r-new", seed=2)})
+    publish.run(cfg, D, run_id="r-old")
+    base, schema = _pg_conninfo(postgres_url)
+    done: list[object] = []
+    with psycopg.connect(base, options=f"-c search_path={schema}") as long_reader, \
+            psycopg.connect(base, autocommit=True, options=f"-c search_path={schema} -c statement_timeout=20s") as r:
+        assert long_reader.execute("SELECT count(*) FROM daily_recommendations WHERE ds = %s", (D,)).fetchone() == (600,)
+        writer = threading.Thread(target=lambda: done.append(publish.run(cfg, D, run_id="r-new")))
+        writer.start()
+        deadline = time.monotonic() + 60
+        while not r.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND mode = 'AccessExclusiveLock'"
+                            ).fetchone()[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for _ in range(5):  # each would wait for the long reader if queued behind the publisher
+            assert r.execute("SELECT count(*), min(run_id) FROM daily_recommendations WHERE ds = %s "
+                             "AND scenario = 'home'", (D,)).fetchone() == (400, "r-old")
+        assert writer.is_alive() and not done
+        long_reader.commit()
+        writer.join(60)
+        assert r.execute("SELECT count(*), min(run_id) FROM daily_recommendations WHERE ds = %s "
+                         "AND scenario = 'home'", (D,)).fetchone() == (500, "r-new")
+    assert [res.rows for res in done] == [{"home": 500}]
