@@ -41,30 +41,38 @@ def _setup(home: str, users: int, items: int, days: int, threads: int) -> None:
 
 
 def _score(home: str, threads: int, queue) -> None:
-    from _common import peak_rss_mb
+    """The whole score stage in a fresh process. Library imports (torch, Feast) happen before the clock starts and
+    are timed on their own: they are paid once per process, whatever the number of users."""
+    t = time.perf_counter()
+    import feast  # noqa: F401
+    import torch  # noqa: F401
 
     from mtrec.config import load_config
     from mtrec.steps import score
 
+    imports = time.perf_counter() - t
     cfg = load_config(environ={}, overrides={"home": home, "training": {"num_threads": threads}})
     t = time.perf_counter()
     res = score.run(cfg, END, run_id=f"bench-{threads}")
     seconds = time.perf_counter() - t
-    queue.put({"seconds": seconds, "users": sum(res.users.values()), "rows": sum(res.rows.values()),
-               "pairs": res.details.get("pairs", 0), "rss": peak_rss_mb()})
+    from _common import peak_rss_mb
+
+    queue.put({"seconds": seconds, "import_seconds": imports, "users": sum(res.users.values()),
+               "rows": sum(res.rows.values()), "pairs": res.details.get("pairs", 0), "rss": peak_rss_mb()})
 
 
 def _forward_only(home: str, threads: int, n_pairs: int, queue) -> None:
-    """The champion's pair forward on pre-built user/item sides (no features, no candidates, no I/O)."""
-    import numpy as np
+    """The champion's pair forward alone, on pre-built user/item sides and the stage's own candidate grid for up
+    to 4096 users of the first scenario, in the stage's blocks (no features, no candidates, no top-K, no I/O)."""
     import pandas as pd
     import torch
 
     from mtrec.config import load_config
-    from mtrec.features.training_set import build_scoring_table
+    from mtrec.data.raw import known_scenarios
+    from mtrec.features.training_set import build_scoring_table, load_item_embeddings
     from mtrec.registry import ModelRegistry
-    from mtrec.scoring.candidates import active_users, universe
-    from mtrec.scoring.rank import ModelScorer
+    from mtrec.scoring.candidates import active_users, candidate_grid, similar_items, universe
+    from mtrec.scoring.rank import ModelScorer, pair_blocks
     from mtrec.warehouse import open_warehouse
 
     torch.set_num_threads(threads)
@@ -73,25 +81,26 @@ def _forward_only(home: str, threads: int, n_pairs: int, queue) -> None:
     reg = ModelRegistry(cfg, wh)
     mv = reg.champion()
     scorer = ModelScorer(reg.load(mv.version), mv.version, torch.device("cpu"))
-    scenario = "home"
+    scenario = known_scenarios(wh, cfg, END)[0]
     uni = universe(wh, cfg, END, scenario)
-    users = active_users(wh, cfg, END, scenario)[:2048]
-    u = scorer.users(build_scoring_table(cfg, wh, END, pd.DataFrame({"user_id": users, "scenario": scenario,
-                                                                     "item_id": ""})))
+    users = active_users(wh, cfg, END, scenario)[:4096]
+    emb = load_item_embeddings(cfg, wh)
+    table = build_scoring_table(cfg, wh, END, pd.DataFrame({"user_id": users, "scenario": scenario, "item_id": ""}),
+                                sides=("user",), embeddings=emb)
+    u = scorer.users(table)
     i = scorer.items(build_scoring_table(cfg, wh, END, pd.DataFrame({"user_id": "", "scenario": scenario,
-                                                                     "item_id": uni.items})), uni)
-    rng = np.random.default_rng(0)
-    width = 90  # the default candidate count per user (popular 50 + similar 30 + fresh 10)
-    cand = torch.from_numpy(rng.integers(0, len(uni.items), (len(users), width)))
-    step = max(1, 65_536 // width)
+                                                                     "item_id": uni.items}), sides=("item",),
+                                         embeddings=emb), uni)
+    seen = torch.from_numpy(pd.Index(uni.items).get_indexer(pd.Index(table.sequences.ravel()))
+                            .reshape(table.sequences.shape))
+    cand, valid = candidate_grid(cfg, uni, seen, similar_items(cfg, emb, uni.items))
+    blocks = [(rows, cand[rows, :w], int(valid[rows, :w].sum())) for rows, w in pair_blocks(valid)]
     done, t = 0, time.perf_counter()
     while done < n_pairs:
-        for r in range(0, len(users), step):
-            rows = slice(r, min(r + step, len(users)))
-            scorer.grid(u, i, rows, cand[rows])
-            done += (rows.stop - rows.start) * width
-    n_pairs = done
-    queue.put({"seconds": time.perf_counter() - t, "pairs": n_pairs})
+        for rows, c, n in blocks:
+            scorer.grid(u, i, rows, c)
+            done += n
+    queue.put({"seconds": time.perf_counter() - t, "pairs": done})
 
 
 def _guarded(target, args, queue) -> None:
@@ -121,7 +130,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, nargs="+", default=[10000, 20000])
     ap.add_argument("--items", type=int, default=2000)
     ap.add_argument("--days", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the stage (its default is 1)")
     args = ap.parse_args()
     rss = {}
     for n_users in args.users:
@@ -130,17 +139,25 @@ def main() -> None:
             _setup(home, n_users, args.items, args.days, args.threads)
             full = _in_child(_score, home, args.threads)
             pairs_per_s = full["pairs"] / full["seconds"]
-            fwd = _in_child(_forward_only, home, args.threads, max(full["pairs"], 200_000))
-            fwd_per_s = fwd["pairs"] / fwd["seconds"]
-            emit("scoring", f"full_path_pairs_per_second[{n_users} users]", pairs_per_s, "pairs/s",
-                 "target 500k pairs/s", 500_000.0)
-            emit("scoring", f"forward_only_pairs_per_second[{n_users} users]", fwd_per_s, "pairs/s",
-                 "target 500k pairs/s", 500_000.0)
-            emit("scoring", f"full_path_vs_forward[{n_users} users]", pairs_per_s / fwd_per_s, "ratio",
-                 "target >= 0.8 of forward alone", None)
-            emit("scoring", f"users_per_second[{n_users} users]", full["users"] / full["seconds"], "user-scenarios/s",
+            cold_per_s = full["pairs"] / (full["seconds"] + full["import_seconds"])
+            fwd = {n: _in_child(_forward_only, home, n, max(full["pairs"] // 4, 500_000)) for n in (1, 2)}
+            fwd_per_s = {n: f["pairs"] / f["seconds"] for n, f in fwd.items()}
+            best = max(fwd_per_s.values())
+            tag = f"{n_users} users"
+            emit("scoring", f"full_path_pairs_per_second[{tag}]", pairs_per_s, "pairs/s", "target 500k pairs/s",
+                 500_000.0)
+            emit("scoring", f"full_path_pairs_per_second_with_imports[{tag}]", cold_per_s, "pairs/s",
                  "none", None)
-            emit("scoring", f"peak_rss_mb[{n_users} users]", full["rss"], "MB", "target 3 GB", 3072.0)
+            for n, v in fwd_per_s.items():
+                emit("scoring", f"forward_only_pairs_per_second[{tag}, {n} thread{'s' if n > 1 else ''}]", v,
+                     "pairs/s", "target 500k pairs/s", 500_000.0)
+            emit("scoring", f"full_path_vs_forward[{tag}, forward on {args.threads} thread(s) as in the stage]",
+                 pairs_per_s / fwd_per_s.get(args.threads, best), "ratio", "target >= 0.8 of forward alone", None)
+            emit("scoring", f"full_path_vs_best_forward[{tag}]", pairs_per_s / best, "ratio",
+                 "target >= 0.8 of forward alone", None)
+            emit("scoring", f"users_per_second[{tag}]", full["users"] / full["seconds"], "user-scenarios/s",
+                 "none", None)
+            emit("scoring", f"peak_rss_mb[{tag}]", full["rss"], "MB", "target 3 GB", 3072.0)
             rss[n_users] = full["rss"]
             print(json.dumps({"bench": "scoring", "detail": full}), file=sys.stderr)
     if len(rss) >= 2:

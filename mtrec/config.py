@@ -173,7 +173,8 @@ class ScoringSpec(_Section):
     top_k: int = Field(10, ge=1)
     users: Literal["active", "all"] = "active"
     active_window_days: int = Field(7, ge=1)
-    batch_users: int = Field(16384, ge=1)
+    batch_users: int = Field(8192, ge=1)
+    workers: int = Field(0, ge=0, description="threads scoring user chunks side by side; 0 = one per CPU")
     candidates: CandidateSpec = Field(default_factory=CandidateSpec)
     fusion: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="per-scenario weights over task probabilities; default: task weights")

@@ -113,12 +113,13 @@ def load_item_embeddings(cfg: MtrecConfig, wh: Warehouse | None = None,
 
 def _assemble(cfg: MtrecConfig, wh: Warehouse, rows: pd.DataFrame, *, sides: tuple[str, ...] = ("user", "item"),
               prefetched: dict[str, pd.DataFrame] | None = None, store=None,
-              embeddings: ItemEmbeddings | None = None) -> FeatureTable:
+              embeddings: ItemEmbeddings | None = None, sequences: bool = True) -> FeatureTable:
     """Join user- and item-side features (as of each row's feature_time), sequences and embeddings onto rows.
 
     `sides` limits retrieval to one side (scoring builds user rows and item rows separately); `prefetched`
     holds a side's retrieval result already fetched for a superset of the keys (one Feast call per scenario
-    instead of one per user chunk). Behaviour sequences are built when the user side is requested."""
+    instead of one per user chunk). Behaviour sequences are built when the user side is requested, unless
+    `sequences` is off (scoring builds them per user chunk)."""
     store = store or FS.feature_store(cfg)
     attrs = FS.attributes(cfg, wh).prefixed()
     rows = rows.reset_index(drop=True)
@@ -144,7 +145,7 @@ def _assemble(cfg: MtrecConfig, wh: Warehouse, rows: pd.DataFrame, *, sides: tup
         if c in frame.columns:
             frame[c] = frame[c].astype(object).where(frame[c].notna(), None)
     seq = sequences_for(wh, cfg, frame[["user_id", "feature_time"]].rename(columns={"feature_time": "cutoff"})) \
-        if "user" in sides else None
+        if "user" in sides and sequences else None
     return FeatureTable(
         frame=frame, tasks=cfg.task_names,
         user_categorical=attrs["user_categorical"], user_numeric=user_num,
@@ -176,9 +177,10 @@ def build_training_set(cfg: MtrecConfig, wh: Warehouse, start: dt.date, end: dt.
 
 def build_scoring_table(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, pairs: pd.DataFrame, *,
                         sides: tuple[str, ...] = ("user", "item"), prefetched: dict[str, pd.DataFrame] | None = None,
-                        store=None, embeddings: ItemEmbeddings | None = None) -> FeatureTable:
+                        store=None, embeddings: ItemEmbeddings | None = None, sequences: bool = True) -> FeatureTable:
     """(user_id, scenario, item_id) candidate pairs with features as of the end of ds (no labels)."""
     rows = pairs[["user_id", "scenario", "item_id"]].copy()
     rows["ds"] = ds
     rows["feature_time"] = pd.Timestamp(end_of_day(ds))
-    return _assemble(cfg, wh, rows, sides=sides, prefetched=prefetched, store=store, embeddings=embeddings)
+    return _assemble(cfg, wh, rows, sides=sides, prefetched=prefetched, store=store, embeddings=embeddings,
+                     sequences=sequences)

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import threading
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -41,8 +45,8 @@ class Scorer:
     def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def grid(self, u: dict, i: dict, rows: slice, cand: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{task: [len(rows), C]} for users u[rows] and candidate item indices cand [len(rows), C]."""
+    def grid(self, u: dict, i: dict, rows: torch.Tensor | slice, cand: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{task: [len(rows), C]} for users u[rows] (indices or a slice) and candidate item indices [len(rows), C]."""
         raise NotImplementedError
 
 
@@ -66,7 +70,8 @@ class ModelScorer(Scorer):
 
     def _encode(self, table) -> dict[str, torch.Tensor]:
         tensors, text = self.art.encoder.transform(table, labels=False)
-        self._text = text.to(self.device)
+        if self._text is None or self._text.shape != text.shape:  # the same title matrix for every chunk
+            self._text = text.to(self.device)
         return to_device(tensors, self.device)
 
     @torch.no_grad()
@@ -85,7 +90,7 @@ class ModelScorer(Scorer):
     def grid(self, u, i, rows, cand):
         ug = {k: v[rows] for k, v in u.items() if not k.startswith("_")}
         c = cand.to(self.device)
-        ig = {k: v[c] for k, v in i.items()}
+        ig = {k: v.index_select(0, c.reshape(-1)).view(*c.shape, *v.shape[1:]) for k, v in i.items()}
         return model_grid(self.art.model, ug, ig, u["_scenario"][rows], self._text)
 
 
@@ -121,17 +126,28 @@ def _constant(value, n: int, type_: pa.DataType) -> pa.Array:
     return pa.array([value], type=type_).take(pa.array(np.zeros(n, np.int32)))
 
 
+def scoring_workers(cfg: MtrecConfig) -> int:
+    """Threads that score user chunks side by side (each runs torch on one thread); 0 = one per available CPU."""
+    if cfg.scoring.workers:
+        return cfg.scoring.workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, users: list[str],
                   scorer: Scorer, *, run_id: str, created_at: dt.datetime, on_chunk=None,
                   store=None) -> Iterator[pa.Table]:
-    """Yield the top-K rows of every user of the scenario (Arrow, `arrow_schema(cfg)`), one user chunk at a time."""
+    """Yield the top-K rows of every user of the scenario (Arrow, `arrow_schema(cfg)`), one user chunk at a time,
+    in user order."""
     k = cfg.scoring.top_k
     weights = cfg.fusion_weights(uni.scenario)
     n_items = len(uni.items)
     if not users or not n_items:
         return
     from mtrec.features import store as FS
-    from mtrec.features.training_set import load_item_embeddings, retrieve_side
+    from mtrec.features.training_set import load_item_embeddings, retrieve_side, sequences_for
 
     schema = arrow_schema(cfg)
     store = store or FS.feature_store(cfg)
@@ -139,60 +155,77 @@ def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, u
     item_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
         {"user_id": "", "scenario": uni.scenario, "item_id": uni.items}), sides=("item",), store=store,
         embeddings=embeddings)
-    # one retrieval of the user side for every user of the scenario; chunks take their rows by position
-    user_features = retrieve_side(cfg, ds, "user", users, uni.scenario, store=store)
-    feature_row = pd.Index(user_features["user_id"]).get_indexer(pd.Index(users))
+    # The user-side features of every user of the scenario: one Feast retrieval, joined once, one row per user
+    # in `users` order; a chunk takes its rows by position and adds its behaviour sequences.
+    user_rows = build_scoring_table(cfg, wh, ds, pd.DataFrame(
+        {"user_id": users, "scenario": uni.scenario, "item_id": ""}), sides=("user",),
+        prefetched={"user": retrieve_side(cfg, ds, "user", users, uni.scenario, store=store)}, store=store,
+        embeddings=embeddings, sequences=False)
     i_side = scorer.items(item_table, uni)
     similar = similar_items(cfg, embeddings, uni.items)
     item_index = pd.Index(uni.items)
     item_ids = pa.array(uni.items, type=pa.string())
     chunk = max(16, min(cfg.scoring.batch_users, MASK_CELLS // max(n_items, 1)))
+    warehouse = threading.Lock()  # one chunk at a time talks to the warehouse connection
 
-    def prepare(start: int) -> tuple[list[str], dict, torch.Tensor, torch.Tensor]:
-        """A chunk's user side and candidate grid (features, sequences, encoding, candidates)."""
-        ids = users[start:start + chunk]
-        rows_of_chunk = feature_row[start:start + chunk]
-        user_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
-            {"user_id": ids, "scenario": uni.scenario, "item_id": ""}), sides=("user",),
-            prefetched={"user": user_features.iloc[rows_of_chunk[rows_of_chunk >= 0]]}, store=store,
-            embeddings=embeddings)
-        u_side = scorer.users(user_table)
-        seq = user_table.sequences
+    def score_chunk(start: int) -> tuple[int, int, pa.Table]:
+        frame = user_rows.frame.iloc[start:start + chunk].reset_index(drop=True)
+        with warehouse:
+            seq = sequences_for(wh, cfg, frame[["user_id", "feature_time"]].rename(columns={"feature_time": "cutoff"}))
+        u_side = scorer.users(replace(user_rows, frame=frame, sequences=seq))
         seen = torch.from_numpy(item_index.get_indexer(pd.Index(seq.ravel())).reshape(seq.shape)) \
-            if seq is not None and seq.size else torch.full((len(ids), 0), -1, dtype=torch.long)
+            if seq.size else torch.full((len(frame), 0), -1, dtype=torch.long)
         cand, valid = candidate_grid(cfg, uni, seen, similar)
-        return ids, u_side, cand, valid
+        scores, probs = _score_grid(scorer, u_side, i_side, cand, valid, weights)
+        table = _top_k(cfg, schema, ds, uni.scenario, users[start:start + chunk], item_ids, cand, scores, probs, k,
+                       version=scorer.version, run_id=run_id, created_at=created_at)
+        return len(frame), int(valid.sum()), table
 
-    # Double buffering: a worker thread prepares the next chunk (DuckDB, pandas, torch and numpy release the
-    # GIL in their kernels) while this thread runs the pair forward of the current one.
-    starts = list(range(0, len(users), chunk))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrec-score-prep") as pool:
-        pending = pool.submit(prepare, starts[0])
-        for n_done in range(len(starts)):
-            ids, u_side, cand, valid = pending.result()
-            if n_done + 1 < len(starts):
-                pending = pool.submit(prepare, starts[n_done + 1])
-            scores, probs = _score_grid(scorer, u_side, i_side, cand, valid, weights)
-            if on_chunk:
-                on_chunk(len(ids), int(valid.sum()))
-            yield _top_k(cfg, schema, ds, uni.scenario, ids, item_ids, cand, scores, probs, k,
-                         version=scorer.version, run_id=run_id, created_at=created_at)
+    # Chunks are scored side by side by `scoring.workers` threads (torch, DuckDB, numpy and Arrow release the GIL
+    # in their kernels); at most workers + 1 chunks are in memory, and they come out in user order.
+    workers = scoring_workers(cfg)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mtrec-score") as pool:
+        pending: deque = deque()
+        for start in range(0, len(users), chunk):
+            pending.append(pool.submit(score_chunk, start))
+            while len(pending) > workers or (pending and pending[0].done()):
+                yield _finish(pending.popleft(), on_chunk)
+        while pending:
+            yield _finish(pending.popleft(), on_chunk)
+
+
+def _finish(future, on_chunk) -> pa.Table:
+    n_users, n_pairs, table = future.result()
+    if on_chunk:
+        on_chunk(n_users, n_pairs)
+    return table
+
+
+def pair_blocks(valid: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
+    """(user rows, width) blocks of about PAIR_CHUNK pairs (small enough for the expert activations to stay in
+    cache), users taken in order of their candidate count so that a block is only as wide as its own longest
+    list: padding costs next to nothing even when the lists differ in length."""
+    counts = valid.sum(1)
+    order = torch.argsort(counts, descending=True, stable=True)
+    r = 0
+    while r < len(order):
+        w = max(int(counts[order[r]]), 1)
+        rows = order[r:r + max(1, PAIR_CHUNK // w)]
+        r += len(rows)
+        yield rows, w
 
 
 def _score_grid(scorer: Scorer, u_side: dict, i_side: dict, cand: torch.Tensor, valid: torch.Tensor,
                 weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Fused scores [U, W] (-inf where there is no candidate) and task probabilities, PAIR_CHUNK pairs at a time
-    (small enough for the expert activations to stay in cache)."""
+    """Fused scores [U, W] (-inf where there is no candidate) and task probabilities."""
     n_users, width = cand.shape
     scores = torch.full((n_users, width), float("-inf"))
     probs = {t: torch.zeros((n_users, width)) for t in scorer.tasks}
-    step = max(1, PAIR_CHUNK // width)
-    for r in range(0, n_users, step):
-        rows = slice(r, min(r + step, n_users))
-        p = scorer.grid(u_side, i_side, rows, cand[rows])
+    for rows, w in pair_blocks(valid):
+        p = scorer.grid(u_side, i_side, rows, cand[rows, :w])
         for t in scorer.tasks:
-            probs[t][rows] = p[t].float().cpu()
-        scores[rows] = torch.where(valid[rows], _fuse(p, weights).cpu(), scores[rows])
+            probs[t][rows, :w] = p[t].float().cpu()
+        scores[rows, :w] = torch.where(valid[rows, :w], _fuse(p, weights).cpu(), float("-inf"))
     return scores, probs
 
 
