@@ -28,6 +28,7 @@ import logging
 import re
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -556,37 +557,46 @@ def _binary_ok(pg: _PG, schema: pa.Schema) -> bool:
     return all(have.get(f.name) == _pg_type(f.type) is not None for f in schema)
 
 
+def _prefetched(cfg: MtrecConfig, ds: dt.date, run_id: str, names: list[str], staged: dict[str, int],
+                warnings: list[str]) -> Iterator[tuple[str, pa.Table]]:
+    """(scenario, validated table) in order, the next scenario read and validated in a thread meanwhile
+    (Arrow releases the GIL): at most two tables in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(load_staged, cfg, ds, run_id, names[0], staged[names[0]])
+        for i, s in enumerate(names):
+            table, warn = pending.result()
+            warnings += warn
+            if i + 1 < len(names):
+                pending = pool.submit(load_staged, cfg, ds, run_id, names[i + 1], staged[names[i + 1]])
+            yield s, table
+            del table
+
+
 def _publish_postgres(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Any, names: list[str],
                       staged: dict[str, int], warnings: list[str]) -> tuple[dict[str, int], dict[str, float]]:
     """All scenarios of the run in one transaction: each is read, validated and loaded into a table of its own
     (the next one is read and validated meanwhile), then all are swapped in and counted, then one commit.
     Nothing is visible before the commit, so a bad scenario or a killed writer leaves every partition as it was."""
-    from concurrent.futures import ThreadPoolExecutor
-
     _pg_ensure_partitioned(wh)
     rows: dict[str, int] = {}
     seconds: dict[str, float] = {}
     fresh: dict[str, str] = {}
-    with wh.transaction(), ThreadPoolExecutor(1) as pool:
+    with wh.transaction():
         pg = _PG(wh)
         for s in sorted(names):  # one order for every publisher: no deadlock between overlapping runs
             # A second publisher of the same partition waits here (the key earlier versions used too).
             pg.lock(f"{ds.isoformat()}/{s}")
         binary = None
-        pending = pool.submit(load_staged, cfg, ds, run_id, names[0], staged[names[0]])
-        for i, s in enumerate(names):
-            t0 = time.perf_counter()
-            table, warn = pending.result()
-            warnings += warn
-            if i + 1 < len(names):
-                pending = pool.submit(load_staged, cfg, ds, run_id, names[i + 1], staged[names[i + 1]])
+        t0 = time.perf_counter()
+        for s, table in _prefetched(cfg, ds, run_id, names, staged, warnings):
             if binary is None:
                 binary = _binary_ok(pg, table.schema)
             fresh[s] = _pg_load(pg, table, ds, s, binary)
             rows[s] = table.num_rows
             del table
-            seconds[s] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+            seconds[s], t0 = time.perf_counter() - t0, time.perf_counter()
         pg.lock(ds.isoformat())  # days are created and swapped one publisher at a time
         _pg_lock_day(pg, ds)
         for s in names:
@@ -596,6 +606,22 @@ def _publish_postgres(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Any, names
         swap = time.perf_counter() - t0
     for s in names:
         seconds[s] = round(seconds[s] + swap / len(names), 3)
+        log.info("publish %s/%s: %d rows in %.2fs", ds, s, rows[s], seconds[s])
+    return rows, seconds
+
+
+def _publish_duckdb(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Any, names: list[str],
+                    staged: dict[str, int], warnings: list[str]) -> tuple[dict[str, int], dict[str, float]]:
+    """All scenarios in one transaction, each written while the next one is read and validated."""
+    rows: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    with wh.transaction():
+        t0 = time.perf_counter()
+        for s, table in _prefetched(cfg, ds, run_id, names, staged, warnings):
+            rows[s] = _write_duckdb(wh, table, ds, s)
+            del table
+            seconds[s], t0 = round(time.perf_counter() - t0, 3), time.perf_counter()
+    for s in names:
         log.info("publish %s/%s: %d rows in %.2fs", ds, s, rows[s], seconds[s])
     return rows, seconds
 
@@ -613,10 +639,13 @@ def _write_duckdb(wh: Any, table: pa.Table, ds: dt.date, scenario: str) -> int:
     with wh.transaction():
         wh.con.register(v, table)
         try:
+            insert = f"INSERT INTO {t} ({', '.join(q(c) for c in staged)}) SELECT {', '.join(q(c) for c in staged)} FROM {v}"
+            if not _count(wh, ds, scenario):  # a new partition: nothing to match against
+                wh.execute(insert)
+                return _check_count(wh, ds, scenario, table.num_rows)
             wh.execute(f"UPDATE {t} SET {', '.join(sets)} FROM {v} WHERE {in_part} AND {same_key}", part)
             wh.execute(f"DELETE FROM {t} WHERE {in_part} AND NOT EXISTS (SELECT 1 FROM {v} WHERE {same_key})", part)
-            wh.execute(f"INSERT INTO {t} ({', '.join(q(c) for c in staged)}) SELECT {', '.join(q(c) for c in staged)} "
-                       f"FROM {v} WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {in_part} AND {same_key})", part)
+            wh.execute(f"{insert} WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {in_part} AND {same_key})", part)
             return _check_count(wh, ds, scenario, table.num_rows)
         finally:
             try:
@@ -703,6 +732,8 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         except Exception as e:  # noqa: BLE001 - e.g. a failed commit: name the table and date, one line
             raise WarehouseError(f"publishing scenario(s) {', '.join(names)} failed: {str(e).splitlines()[0]}",
                                  table=TABLE, ds=ds) from e
+    elif wh.dialect == "duckdb" and hasattr(wh, "con") and names:
+        rows, seconds = _publish_duckdb(cfg, ds, run_id, wh, names, staged, warnings)
     else:
         rows, seconds = _publish_each(cfg, ds, run_id, wh, names, staged, warnings)
     total = sum(rows.values())
