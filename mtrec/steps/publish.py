@@ -4,17 +4,21 @@ Input (written by the score stage): `run_dir/scores/<scenario>.parquet`, one fil
 the columns of `schema.recommendations_spec(cfg)`, and `run_dir/scores/_SUCCESS.json` =
 `{"scenarios": {name: rows}, "model_version": ..., "ds": ...}` written after all of them.
 
-Every staged file is validated before anything is written (columns and types, ds and scenario of the partition,
-no duplicate (user_id, rank), no nulls, finite scores, probabilities in [0, 1], row count as announced). Then
-each partition is replaced in one transaction that also checks the row count before it commits, so readers see
-the old or the new partition, never a mix, and a writer killed in the middle leaves the old one:
+Every staged file is validated (columns and types, ds and scenario of the partition, no duplicate
+(user_id, rank), no nulls, finite scores, probabilities in [0, 1], row count as announced) and sorted by
+(user_id, rank). All the scenarios of a run are then written in one transaction that checks each partition's row
+count before it commits, so a bad file publishes nothing, readers see the old or the new partition, never a mix,
+and a writer killed in the middle leaves the old ones. Scenario i+1 is read and validated while i is written.
 
-- PostgreSQL: advisory lock on the partition (serialises concurrent publishers), DELETE, then one COPY fed
-  in slices of CSV rendered by Arrow (streamed: one slice in memory at a time).
+- PostgreSQL: daily_recommendations is partitioned by ds, then scenario (one table per partition; a plain
+  table of an earlier version is converted once). Each scenario is COPYed (binary, built column-wise) into a new
+  table with the partition's bounds, its primary key built once over the sorted rows; then the old partition's
+  table is dropped and the new one attached. Advisory locks serialise publishers of the same partition.
 - DuckDB: the staged Arrow table is scanned in place; rows whose key is already there are UPDATEd, keys
-  that are gone are DELETEd and new keys INSERTed. Same end state as delete + insert, but DuckDB's primary-key
-  index makes deleting and re-inserting the same keys in one transaction ~7x slower at commit.
-- Other SQLAlchemy dialects: DELETE + the backend's insert_df.
+  that are gone are DELETEd and new keys INSERTed (a new partition: one INSERT). Same end state as delete +
+  insert, but DuckDB's primary-key index makes deleting and re-inserting the same keys in one transaction ~7x
+  slower at commit.
+- Other SQLAlchemy dialects: one transaction per scenario, after all are validated: DELETE + insert_df.
 """
 
 from __future__ import annotations
@@ -51,13 +55,12 @@ SCORES_DIR = "scores"
 SUCCESS_FILE = "_SUCCESS.json"
 KEY = ("user_id", "rank")
 PK = ("ds", "scenario", *KEY)  # the primary key of daily_recommendations
-COPY_SLICE_ROWS = 50_000  # rows rendered to CSV at a time for PostgreSQL COPY
+COPY_SLICE_ROWS = 50_000  # rows encoded at a time for PostgreSQL COPY
 SWAP_LOCK_TRY_MS = 200  # one attempt at the day's exclusive lock (PostgreSQL); readers behind it wait this long
 SWAP_LOCK_PATIENCE_S = 600  # attempts go on this long, then the publish fails and rolls back
-KEEP_ROWS = 2_000_000  # validated rows kept in memory between the validation and the write pass
+KEEP_ROWS = 2_000_000  # other dialects: validated rows kept in memory between validation and writes
 
 _view_ids = itertools.count()
-
 
 @dataclass
 class PublishResult(StageResult):
@@ -254,19 +257,65 @@ def _check_count(wh: Warehouse, ds: dt.date, scenario: str, expected: int) -> in
     return found
 
 
-# -- PostgreSQL: one leaf table per (ds, scenario), loaded aside and swapped in ---------------------------------
-# daily_recommendations is PARTITION BY LIST (ds); each day is PARTITION BY LIST (scenario) with one leaf per
-# scenario; both levels have a DEFAULT partition for rows written by other writers (insert_df and the like).
-# A publish COPYs each scenario (binary, sorted by the primary key) into a fresh table created in its own
-# transaction, builds the primary key once, then swaps it for the old leaf (DROP + ATTACH) and checks the count
-# before the one commit. Readers of the day wait only for the swap; other days are not touched.
+def _write_duckdb(wh: Any, table: pa.Table, ds: dt.date, scenario: str) -> int:
+    t, v = q(TABLE), f"__mtrec_publish_{next(_view_ids)}"
+    staged = table.column_names
+    # Columns the config no longer has (e.g. p_<task> of a removed task) become NULL, as after delete + insert.
+    others = [c for c in wh.columns(TABLE) if c not in staged]
+    sets = [f"{q(c)} = {v}.{q(c)}" for c in staged if c not in ("ds", "scenario", *KEY)]
+    sets += [f"{q(c)} = NULL" for c in others]
+    part = {"ds": ds, "s": scenario}
+    in_part = f"{t}.{q('ds')} = :ds AND {t}.{q('scenario')} = :s"
+    same_key = " AND ".join(f"{t}.{q(k)} = {v}.{q(k)}" for k in KEY)
+    with wh.transaction():
+        wh.con.register(v, table)
+        try:
+            insert = f"INSERT INTO {t} ({', '.join(q(c) for c in staged)}) SELECT {', '.join(q(c) for c in staged)} FROM {v}"
+            if not _count(wh, ds, scenario):  # a new partition: nothing to match against
+                wh.execute(insert)
+                return _check_count(wh, ds, scenario, table.num_rows)
+            wh.execute(f"UPDATE {t} SET {', '.join(sets)} FROM {v} WHERE {in_part} AND {same_key}", part)
+            wh.execute(f"DELETE FROM {t} WHERE {in_part} AND NOT EXISTS (SELECT 1 FROM {v} WHERE {same_key})", part)
+            wh.execute(f"{insert} WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {in_part} AND {same_key})", part)
+            return _check_count(wh, ds, scenario, table.num_rows)
+        finally:
+            try:
+                wh.con.unregister(v)
+            except Exception:  # noqa: BLE001 - an aborted transaction refuses even this; ROLLBACK cleans up
+                pass
+
+
+def _write_generic(wh: Warehouse, table: pa.Table, ds: dt.date, scenario: str) -> int:
+    with wh.transaction():
+        wh.execute(f"DELETE FROM {q(TABLE)} WHERE {q('ds')} = :ds AND {q('scenario')} = :s", {"ds": ds, "s": scenario})
+        for batch in table.to_batches(COPY_SLICE_ROWS):
+            wh.insert_df(TABLE, batch.to_pandas())
+        return _check_count(wh, ds, scenario, table.num_rows)
+
+
+# -- PostgreSQL: one table per (ds, scenario), loaded aside and swapped in --------------------------------------
+# daily_recommendations is PARTITION BY LIST (ds); each day, daily_recommendations_YYYYMMDD, is PARTITION BY LIST
+# (scenario) with one leaf per scenario. Both levels have a DEFAULT partition that holds the rows other writers
+# (insert_df, write_normalized) put where no leaf exists yet; a publish replaces those of its partition too.
+# The load (COPY, primary key) touches only the new table; readers of the day wait for the swap alone.
 PG_EPOCH_DAYS = 10_957  # 2000-01-01 - 1970-01-01, in days
 PG_EPOCH_US = PG_EPOCH_DAYS * 86_400_000_000
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
-# Arrow type of the validated table -> the PostgreSQL type binary COPY writes (checked against the table).
-_PG_TYPES = {S.TEXT: "text", S.DATE: "date", S.BIGINT: "bigint", S.DOUBLE: "double precision",
-             S.TIMESTAMP: "timestamp with time zone"}
+
+
+def _pg_type(t: pa.DataType) -> str | None:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    if pa.types.is_date32(t):
+        return "date"
+    if pa.types.is_integer(t):
+        return "bigint"
+    if pa.types.is_floating(t):
+        return "double precision"
+    if pa.types.is_timestamp(t) and t.tz is not None:
+        return "timestamp with time zone"
+    return None
 
 
 def _binary_rows(table: pa.Table) -> pa.Buffer:
@@ -314,6 +363,13 @@ def _binary_rows(table: pa.Table) -> pa.Buffer:
     return rows.buffers()[2].slice(0, int(end))
 
 
+def _binary_slices(table: pa.Table, rows: int) -> Any:
+    yield _COPY_HEADER
+    for start in range(0, table.num_rows, rows):
+        yield _binary_rows(table.slice(start, rows))
+    yield _COPY_TRAILER
+
+
 def _csv_slices(table: pa.Table, rows: int) -> Any:
     """CSV (no header) of successive row slices; Arrow quotes every string, so "" stays "" and NULL is empty."""
     import pyarrow.csv as pacsv
@@ -325,11 +381,23 @@ def _csv_slices(table: pa.Table, rows: int) -> Any:
         yield buf.getbuffer()
 
 
-def _binary_slices(table: pa.Table, rows: int) -> Any:
-    yield _COPY_HEADER
-    for start in range(0, table.num_rows, rows):
-        yield _binary_rows(table.slice(start, rows))
-    yield _COPY_TRAILER
+def _binary_ok(pg: _PG, schema: pa.Schema) -> bool:
+    """Binary COPY needs each column's table type to be the one its values encode (an older table may differ:
+    then CSV, which the server converts)."""
+    have = pg.columns(TABLE)
+    return all(have.get(f.name) == _pg_type(f.type) is not None for f in schema)
+
+
+def _constant_columns(table: pa.Table) -> dict[str, Any]:
+    """Non-key, non-float columns holding a single value (floats: no literal round trip to worry about)."""
+    out = {}
+    for f in table.schema:
+        if f.name in KEY or pa.types.is_floating(f.type) or _pg_type(f.type) is None:
+            continue
+        value = _single_value(table[f.name])
+        if value is not None:
+            out[f.name] = value
+    return out
 
 
 def _pg_names(ds: dt.date, scenario: str | None = None) -> str:
@@ -419,6 +487,25 @@ def _pg_ensure_partitioned(wh: Any) -> None:
         log.info("%s: converted to one partition per (ds, scenario)", TABLE)
 
 
+def _pg_ensure_day(pg: _PG, ds: dt.date) -> str:
+    """The day's sub-partitioned table, attached (rows of that day in the DEFAULT partition move into it)."""
+    from psycopg import sql
+
+    day = _pg_names(ds)
+    if pg.relkind(day) == "p" and pg.parent(day) == TABLE:
+        return day
+    cols = sql.SQL(", ").join(_id(c) for c in pg.columns(TABLE))
+    pg.run("CREATE TABLE {} (LIKE {}) PARTITION BY LIST (scenario)", _id(day), _id(TABLE))
+    pg.run("CREATE TABLE {} PARTITION OF {} DEFAULT", _id(f"{day}_default"), _id(day))
+    default = f"{TABLE}_default"
+    if pg.relkind(default) and pg.parent(default) == TABLE:
+        pg.run("WITH moved AS (DELETE FROM {} WHERE ds = {} RETURNING {}) INSERT INTO {} ({}) SELECT * FROM moved",
+               _id(default), ds, cols, _id(day), cols)
+    # SHARE UPDATE EXCLUSIVE on the parent: readers of other days go on.
+    pg.run("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES IN ({})", _id(TABLE), _id(day), ds)
+    return day
+
+
 def _pg_lock_day(pg: _PG, ds: dt.date) -> None:
     """ACCESS EXCLUSIVE on the day and all its partitions (or, for a new day, on the DEFAULT partition it is
     carved from), asked for in short attempts: a long reader of the day delays the publisher, while the readers
@@ -448,37 +535,6 @@ def _pg_lock_day(pg: _PG, ds: dt.date) -> None:
         pg.run("RELEASE SAVEPOINT mtrec_swap_lock")
         pg.run("SELECT set_config('lock_timeout', {}, true)", prev)
         return
-
-
-def _pg_ensure_day(pg: _PG, ds: dt.date) -> str:
-    """The day's sub-partitioned table, attached (rows of that day in the DEFAULT partition move into it)."""
-    from psycopg import sql
-
-    day = _pg_names(ds)
-    if pg.relkind(day) == "p" and pg.parent(day) == TABLE:
-        return day
-    cols = sql.SQL(", ").join(_id(c) for c in pg.columns(TABLE))
-    pg.run("CREATE TABLE {} (LIKE {}) PARTITION BY LIST (scenario)", _id(day), _id(TABLE))
-    pg.run("CREATE TABLE {} PARTITION OF {} DEFAULT", _id(f"{day}_default"), _id(day))
-    default = f"{TABLE}_default"
-    if pg.relkind(default) and pg.parent(default) == TABLE:
-        pg.run("WITH moved AS (DELETE FROM {} WHERE ds = {} RETURNING {}) INSERT INTO {} ({}) SELECT * FROM moved",
-               _id(default), ds, cols, _id(day), cols)
-    # SHARE UPDATE EXCLUSIVE on the parent: readers of other days go on.
-    pg.run("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES IN ({})", _id(TABLE), _id(day), ds)
-    return day
-
-
-def _constant_columns(table: pa.Table) -> dict[str, Any]:
-    """Non-key, non-float columns holding a single value (floats: no literal round trip to worry about)."""
-    out = {}
-    for f in table.schema:
-        if f.name in KEY or pa.types.is_floating(f.type) or _pg_type(f.type) is None:
-            continue
-        value = _single_value(table[f.name])
-        if value is not None:
-            out[f.name] = value
-    return out
 
 
 def _pg_load(pg: _PG, table: pa.Table, ds: dt.date, scenario: str, binary: bool) -> str:
@@ -536,27 +592,34 @@ def _pg_swap(pg: _PG, fresh: str, ds: dt.date, scenario: str) -> None:
     pg.run("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES IN ({})", _id(day), _id(leaf), scenario)
 
 
-def _pg_type(t: pa.DataType) -> str | None:
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "text"
-    if pa.types.is_date32(t):
-        return "date"
-    if pa.types.is_integer(t):
-        return "bigint"
-    if pa.types.is_floating(t):
-        return "double precision"
-    if pa.types.is_timestamp(t) and t.tz is not None:
-        return "timestamp with time zone"
-    return None
+def _write_postgres(wh: Any, table: pa.Table, ds: dt.date, scenario: str) -> int:
+    _pg_ensure_partitioned(wh)
+    with wh.transaction():
+        pg = _PG(wh)
+        pg.lock(f"{ds.isoformat()}/{scenario}")
+        fresh = _pg_load(pg, table, ds, scenario, _binary_ok(pg, table.schema))
+        pg.lock(ds.isoformat())
+        _pg_lock_day(pg, ds)
+        _pg_swap(pg, fresh, ds, scenario)
+        return _check_count(wh, ds, scenario, table.num_rows)
 
 
-def _binary_ok(pg: _PG, schema: pa.Schema) -> bool:
-    """Binary COPY needs each column's table type to be the one its values encode (an older table may differ:
-    then CSV, which the server converts)."""
-    have = pg.columns(TABLE)
-    return all(have.get(f.name) == _pg_type(f.type) is not None for f in schema)
+def write_partition(wh: Warehouse, table: pa.Table, ds: dt.date, scenario: str) -> int:
+    """Replace the (ds, scenario) partition with a validated table in one transaction; return the row count."""
+    try:
+        if wh.dialect == "postgresql" and hasattr(wh, "_connection"):
+            return _write_postgres(wh, table, ds, scenario)
+        if wh.dialect == "duckdb" and hasattr(wh, "con"):
+            return _write_duckdb(wh, table, ds, scenario)
+        return _write_generic(wh, table, ds, scenario)
+    except MtrecError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. a failed commit: name the partition, one line
+        raise WarehouseError(f"publishing scenario {scenario} failed: {str(e).splitlines()[0]}",
+                             table=TABLE, ds=ds) from e
 
 
+# -- the stage ----------------------------------------------------------------------------------------------
 def _prefetched(cfg: MtrecConfig, ds: dt.date, run_id: str, names: list[str], staged: dict[str, int],
                 warnings: list[str]) -> Iterator[tuple[str, pa.Table]]:
     """(scenario, validated table) in order, the next scenario read and validated in a thread meanwhile
@@ -626,70 +689,6 @@ def _publish_duckdb(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Any, names: 
     return rows, seconds
 
 
-def _write_duckdb(wh: Any, table: pa.Table, ds: dt.date, scenario: str) -> int:
-    t, v = q(TABLE), f"__mtrec_publish_{next(_view_ids)}"
-    staged = table.column_names
-    # Columns the config no longer has (e.g. p_<task> of a removed task) become NULL, as after delete + insert.
-    others = [c for c in wh.columns(TABLE) if c not in staged]
-    sets = [f"{q(c)} = {v}.{q(c)}" for c in staged if c not in ("ds", "scenario", *KEY)]
-    sets += [f"{q(c)} = NULL" for c in others]
-    part = {"ds": ds, "s": scenario}
-    in_part = f"{t}.{q('ds')} = :ds AND {t}.{q('scenario')} = :s"
-    same_key = " AND ".join(f"{t}.{q(k)} = {v}.{q(k)}" for k in KEY)
-    with wh.transaction():
-        wh.con.register(v, table)
-        try:
-            insert = f"INSERT INTO {t} ({', '.join(q(c) for c in staged)}) SELECT {', '.join(q(c) for c in staged)} FROM {v}"
-            if not _count(wh, ds, scenario):  # a new partition: nothing to match against
-                wh.execute(insert)
-                return _check_count(wh, ds, scenario, table.num_rows)
-            wh.execute(f"UPDATE {t} SET {', '.join(sets)} FROM {v} WHERE {in_part} AND {same_key}", part)
-            wh.execute(f"DELETE FROM {t} WHERE {in_part} AND NOT EXISTS (SELECT 1 FROM {v} WHERE {same_key})", part)
-            wh.execute(f"{insert} WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {in_part} AND {same_key})", part)
-            return _check_count(wh, ds, scenario, table.num_rows)
-        finally:
-            try:
-                wh.con.unregister(v)
-            except Exception:  # noqa: BLE001 - an aborted transaction refuses even this; ROLLBACK cleans up
-                pass
-
-
-def _write_generic(wh: Warehouse, table: pa.Table, ds: dt.date, scenario: str) -> int:
-    with wh.transaction():
-        wh.execute(f"DELETE FROM {q(TABLE)} WHERE {q('ds')} = :ds AND {q('scenario')} = :s", {"ds": ds, "s": scenario})
-        for batch in table.to_batches(COPY_SLICE_ROWS):
-            wh.insert_df(TABLE, batch.to_pandas())
-        return _check_count(wh, ds, scenario, table.num_rows)
-
-
-def _write_postgres(wh: Any, table: pa.Table, ds: dt.date, scenario: str) -> int:
-    _pg_ensure_partitioned(wh)
-    with wh.transaction():
-        pg = _PG(wh)
-        pg.lock(f"{ds.isoformat()}/{scenario}")
-        fresh = _pg_load(pg, table, ds, scenario, _binary_ok(pg, table.schema))
-        pg.lock(ds.isoformat())
-        _pg_lock_day(pg, ds)
-        _pg_swap(pg, fresh, ds, scenario)
-        return _check_count(wh, ds, scenario, table.num_rows)
-
-
-def write_partition(wh: Warehouse, table: pa.Table, ds: dt.date, scenario: str) -> int:
-    """Replace the (ds, scenario) partition with a validated table in one transaction; return the row count."""
-    try:
-        if wh.dialect == "postgresql" and hasattr(wh, "_connection"):
-            return _write_postgres(wh, table, ds, scenario)
-        if wh.dialect == "duckdb" and hasattr(wh, "con"):
-            return _write_duckdb(wh, table, ds, scenario)
-        return _write_generic(wh, table, ds, scenario)
-    except MtrecError:
-        raise
-    except Exception as e:  # noqa: BLE001 - e.g. a failed commit: name the partition, one line
-        raise WarehouseError(f"publishing scenario {scenario} failed: {str(e).splitlines()[0]}",
-                             table=TABLE, ds=ds) from e
-
-
-# -- the stage ----------------------------------------------------------------------------------------------
 def _publish_each(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, names: list[str],
                   staged: dict[str, int], warnings: list[str]) -> tuple[dict[str, int], dict[str, float]]:
     """One transaction per scenario, after all are validated (bad input publishes nothing). Validated tables

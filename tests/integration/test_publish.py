@@ -666,3 +666,28 @@ def test_postgres_long_reader_delays_the_swap_but_not_the_readers_after_it(tmp_p
         assert r.execute("SELECT count(*), min(run_id) FROM daily_recommendations WHERE ds = %s "
                          "AND scenario = 'home'", (D,)).fetchone() == (500, "r-new")
     assert [res.rows for res in done] == [{"home": 500}]
+
+
+@pytest.mark.services
+def test_postgres_table_with_other_column_types_is_loaded_as_csv(tmp_path: Path, postgres_url: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Binary COPY needs the contract's exact types; a table whose rank is integer (say) gets CSV instead."""
+    from mtrec.warehouse import ensure_contract_tables
+
+    cfg = make_cfg(tmp_path, postgres_url)
+    df = staged_frame(cfg, D, "home", 40, run_id="r-1")
+    stage(cfg, D, "r-1", {"home": df})
+    wh = open_warehouse(cfg)
+    try:
+        ensure_contract_tables(wh, cfg)
+        wh.execute("ALTER TABLE daily_recommendations ALTER COLUMN rank TYPE integer")
+
+        def no_binary(table):
+            raise AssertionError("binary COPY into an integer column")
+
+        monkeypatch.setattr(publish, "_binary_rows", no_binary)
+        assert publish.run(cfg, D, run_id="r-1", wh=wh).rows == {"home": 400}
+        pd.testing.assert_frame_equal(partition(wh, cfg, D, "home"), canon(df, cfg))
+        assert wh.columns("daily_recommendations")["rank"] == "integer"
+    finally:
+        wh.close()
