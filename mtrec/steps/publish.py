@@ -451,21 +451,34 @@ def _id(name: str) -> Any:
     return sql.Identifier(check_identifier(name, "table"))
 
 
-def _pg_ensure_partitioned(wh: Any) -> None:
+_PRIVILEGES = {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"}
+
+
+def _pg_ensure_partitioned(wh: Any) -> bool:
     """Turn a plain daily_recommendations (created by ensure_contract_tables or an earlier mtrec) into the
-    partitioned layout, moving its rows and grants; idempotent and serialised between processes."""
+    partitioned layout, moving its rows and grants; idempotent and serialised between processes.
+
+    False (the table stays plain) when views or foreign keys depend on it: they would have to be recreated."""
+    from psycopg import sql
+
     with wh.transaction():
         pg = _PG(wh)
         if pg.relkind(TABLE) == "p":
-            return
+            return True
         pg.lock("layout")
         if pg.relkind(TABLE) != "r":
-            return
+            return pg.relkind(TABLE) == "p"
+        dependents = [r[0] for r in pg.run(
+            "SELECT v.oid::regclass::text FROM pg_depend d JOIN pg_rewrite w ON w.oid = d.objid "
+            "JOIN pg_class v ON v.oid = w.ev_class WHERE d.classid = 'pg_rewrite'::regclass "
+            "AND d.refobjid = {}::regclass AND v.oid <> d.refobjid "
+            "UNION SELECT conname::text FROM pg_constraint WHERE confrelid = {}::regclass", TABLE, TABLE)]
+        if dependents:
+            log.warning("%s stays one plain table (written by DELETE + COPY, slower): %s depend(s) on it",
+                        TABLE, ", ".join(sorted(set(dependents))))
+            return False
         old = f"{TABLE}_unpartitioned"
-        cols = [_id(c) for c in pg.columns(TABLE)]
-        from psycopg import sql
-
-        col_list = sql.SQL(", ").join(cols)
+        col_list = sql.SQL(", ").join(_id(c) for c in pg.columns(TABLE))
         pg.run("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", _id(TABLE))
         grants = pg.run("SELECT a.privilege_type, a.is_grantable, coalesce(r.rolname, 'PUBLIC') "
                         "FROM pg_class c, aclexplode(c.relacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee "
@@ -477,14 +490,15 @@ def _pg_ensure_partitioned(wh: Any) -> None:
         pg.run("ALTER TABLE {} ADD PRIMARY KEY ({})", _id(TABLE), sql.SQL(", ").join(_id(c) for c in PK))
         pg.run("CREATE TABLE {} PARTITION OF {} DEFAULT", _id(f"{TABLE}_default"), _id(TABLE))
         for priv, grantable, role in grants:
-            pg.run("GRANT " + priv + " ON {} TO " + ("PUBLIC" if role == "PUBLIC" else "{}")
-                   + (" WITH GRANT OPTION" if grantable else ""), _id(TABLE),
-                   *(() if role == "PUBLIC" else (sql.Identifier(role),)))
+            if priv in _PRIVILEGES:
+                pg.run(f"GRANT {priv} ON {{}} TO {{}}{' WITH GRANT OPTION' if grantable else ''}", _id(TABLE),
+                       sql.SQL("PUBLIC") if role == "PUBLIC" else sql.Identifier(role))
         for (day,) in pg.run("SELECT DISTINCT ds FROM {} WHERE ds IS NOT NULL", _id(old)):
             _pg_ensure_day(pg, day)
         pg.run("INSERT INTO {} ({}) SELECT {} FROM {}", _id(TABLE), col_list, col_list, _id(old))
         pg.run("DROP TABLE {}", _id(old))
         log.info("%s: converted to one partition per (ds, scenario)", TABLE)
+        return True
 
 
 def _pg_ensure_day(pg: _PG, ds: dt.date) -> str:
@@ -537,10 +551,28 @@ def _pg_lock_day(pg: _PG, ds: dt.date) -> None:
         return
 
 
+def _pg_copy(pg: _PG, target: str, table: pa.Table, ds: dt.date, scenario: str, binary: bool,
+             freeze: bool = False) -> None:
+    from psycopg import sql
+    from psycopg.copy import QueuedLibpqWriter
+
+    cols = sql.SQL(", ").join(_id(c) for c in table.column_names)
+    opts = sql.SQL("FORMAT binary" if binary else "FORMAT csv") + sql.SQL(", FREEZE" if freeze else "")
+    stmt = sql.SQL("COPY {} ({}) FROM STDIN WITH ({})").format(_id(target), cols, opts)
+    cur = pg._raw().cursor()
+    try:
+        # A writer thread sends while numpy/Arrow (GIL released) encode the next slice.
+        with cur.copy(stmt, writer=QueuedLibpqWriter(cur)) as copy:
+            for chunk in (_binary_slices if binary else _csv_slices)(table, COPY_SLICE_ROWS):
+                copy.write(chunk)
+    except Exception as e:  # noqa: BLE001 - any driver error: the transaction rolls back
+        raise WarehouseError(f"COPY of scenario {scenario} failed: {str(e).splitlines()[0]}",
+                             table=TABLE, ds=ds) from e
+
+
 def _pg_load(pg: _PG, table: pa.Table, ds: dt.date, scenario: str, binary: bool) -> str:
     """COPY a validated scenario into a new table shaped like the leaf (bounds checked, primary key built)."""
     from psycopg import sql
-    from psycopg.copy import QueuedLibpqWriter
 
     fresh = f"{_pg_names(ds, scenario)}_n"
     pg.run("CREATE TABLE {} (LIKE {}, CONSTRAINT partition_bounds CHECK (ds = {} AND scenario = {}))",
@@ -552,20 +584,8 @@ def _pg_load(pg: _PG, table: pa.Table, ds: dt.date, scenario: str, binary: bool)
         if same:
             pg.run("ALTER TABLE {} " + ", ".join(["ALTER COLUMN {} SET DEFAULT {}"] * len(same)), _id(fresh),
                    *itertools.chain.from_iterable((_id(c), v) for c, v in same.items()))
-            table = table.drop_columns(list(same))
-        cols = sql.SQL(", ").join(_id(c) for c in table.column_names)
-        fmt = sql.SQL("binary" if binary else "csv")
         # FREEZE: the table is new in this transaction, so its rows need no later visibility work.
-        stmt = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT {}, FREEZE)").format(_id(fresh), cols, fmt)
-        cur = pg._raw().cursor()
-        try:
-            # A writer thread sends while numpy/Arrow (GIL released) encode the next slice.
-            with cur.copy(stmt, writer=QueuedLibpqWriter(cur)) as copy:
-                for chunk in (_binary_slices if binary else _csv_slices)(table, COPY_SLICE_ROWS):
-                    copy.write(chunk)
-        except Exception as e:  # noqa: BLE001 - any driver error: the transaction rolls back
-            raise WarehouseError(f"COPY of scenario {scenario} failed: {str(e).splitlines()[0]}",
-                                 table=TABLE, ds=ds) from e
+        _pg_copy(pg, fresh, table.drop_columns(list(same)), ds, scenario, binary, freeze=True)
         if same:
             pg.run("ALTER TABLE {} " + ", ".join(["ALTER COLUMN {} DROP DEFAULT"] * len(same)), _id(fresh),
                    *(_id(c) for c in same))
@@ -573,6 +593,13 @@ def _pg_load(pg: _PG, table: pa.Table, ds: dt.date, scenario: str, binary: bool)
     pg.run("ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY ({})", _id(fresh), _id(f"{fresh}_pkey"),
            sql.SQL(", ").join(_id(c) for c in PK))
     return fresh
+
+
+def _pg_replace_plain(wh: Any, pg: _PG, table: pa.Table, ds: dt.date, scenario: str, binary: bool) -> None:
+    """A plain (unconvertible) table: DELETE + COPY, in the caller's transaction."""
+    wh.execute(f"DELETE FROM {q(TABLE)} WHERE {q('ds')} = :ds AND {q('scenario')} = :s", {"ds": ds, "s": scenario})
+    if table.num_rows:
+        _pg_copy(pg, TABLE, table, ds, scenario, binary)
 
 
 def _pg_swap(pg: _PG, fresh: str, ds: dt.date, scenario: str) -> None:
@@ -593,10 +620,13 @@ def _pg_swap(pg: _PG, fresh: str, ds: dt.date, scenario: str) -> None:
 
 
 def _write_postgres(wh: Any, table: pa.Table, ds: dt.date, scenario: str) -> int:
-    _pg_ensure_partitioned(wh)
+    partitioned = _pg_ensure_partitioned(wh)
     with wh.transaction():
         pg = _PG(wh)
         pg.lock(f"{ds.isoformat()}/{scenario}")
+        if not partitioned:
+            _pg_replace_plain(wh, pg, table, ds, scenario, _binary_ok(pg, table.schema))
+            return _check_count(wh, ds, scenario, table.num_rows)
         fresh = _pg_load(pg, table, ds, scenario, _binary_ok(pg, table.schema))
         pg.lock(ds.isoformat())
         _pg_lock_day(pg, ds)
@@ -642,7 +672,7 @@ def _publish_postgres(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Any, names
     """All scenarios of the run in one transaction: each is read, validated and loaded into a table of its own
     (the next one is read and validated meanwhile), then all are swapped in and counted, then one commit.
     Nothing is visible before the commit, so a bad scenario or a killed writer leaves every partition as it was."""
-    _pg_ensure_partitioned(wh)
+    partitioned = _pg_ensure_partitioned(wh)
     rows: dict[str, int] = {}
     seconds: dict[str, float] = {}
     fresh: dict[str, str] = {}
@@ -656,14 +686,18 @@ def _publish_postgres(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Any, names
         for s, table in _prefetched(cfg, ds, run_id, names, staged, warnings):
             if binary is None:
                 binary = _binary_ok(pg, table.schema)
-            fresh[s] = _pg_load(pg, table, ds, s, binary)
+            if partitioned:
+                fresh[s] = _pg_load(pg, table, ds, s, binary)
+            else:
+                _pg_replace_plain(wh, pg, table, ds, s, binary)
             rows[s] = table.num_rows
             del table
             seconds[s], t0 = time.perf_counter() - t0, time.perf_counter()
-        pg.lock(ds.isoformat())  # days are created and swapped one publisher at a time
-        _pg_lock_day(pg, ds)
-        for s in names:
-            _pg_swap(pg, fresh[s], ds, s)
+        if partitioned:
+            pg.lock(ds.isoformat())  # days are created and swapped one publisher at a time
+            _pg_lock_day(pg, ds)
+            for s in names:
+                _pg_swap(pg, fresh[s], ds, s)
         for s in names:
             rows[s] = _check_count(wh, ds, s, rows[s])
         swap = time.perf_counter() - t0

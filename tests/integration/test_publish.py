@@ -691,3 +691,29 @@ def test_postgres_table_with_other_column_types_is_loaded_as_csv(tmp_path: Path,
         assert wh.columns("daily_recommendations")["rank"] == "integer"
     finally:
         wh.close()
+
+
+@pytest.mark.services
+def test_postgres_plain_table_with_a_view_on_it_stays_plain_and_is_replaced_in_place(
+        tmp_path: Path, postgres_url: str) -> None:
+    """Views (or foreign keys) on an earlier plain table would be lost by the conversion: the table stays as it
+    is and each partition is replaced by DELETE + COPY in the one transaction, same rows as the partitioned way."""
+    from mtrec.warehouse import ensure_contract_tables
+
+    cfg = make_cfg(tmp_path, postgres_url)
+    first = {"home": staged_frame(cfg, D, "home", 40, run_id="r-1"),
+             "video": staged_frame(cfg, D, "video", 20, run_id="r-1", seed=1)}
+    second = {"home": staged_frame(cfg, D, "home", 30, k=7, run_id="r-2", seed=2)}
+    stage(cfg, D, "r-1", first)
+    stage(cfg, D, "r-2", second)
+    wh = open_warehouse(cfg)
+    try:
+        ensure_contract_tables(wh, cfg)
+        wh.execute("CREATE VIEW latest_home AS SELECT user_id, rank FROM daily_recommendations WHERE scenario = 'home'")
+        assert publish.run(cfg, D, run_id="r-1", wh=wh).rows == {"home": 400, "video": 200}
+        assert publish.run(cfg, D, run_id="r-2", wh=wh).rows == {"home": 210}
+        assert _relkind(wh, "daily_recommendations") == "r"
+        pd.testing.assert_frame_equal(everything(wh, cfg), canon(pd.concat([second["home"], first["video"]]), cfg))
+        assert wh.scalar("SELECT count(*) FROM latest_home") == 210
+    finally:
+        wh.close()
