@@ -4,7 +4,9 @@ Each measurement runs in a fresh process (its own peak RSS). Per backend: the fi
 new), a republish of the same run (every partition replaced), the backend's generic replace_partition on the same
 rows (pandas, for comparison) and pandas.DataFrame.to_sql with default settings (the baseline; on DuckDB, which
 has no SQLAlchemy driver here, to_sql into an embedded SQLite file). PostgreSQL runs when --postgres-url or
-MTREC_TEST_POSTGRES_URL is given (a scratch schema, dropped afterwards).
+MTREC_TEST_POSTGRES_URL is given (a scratch schema, dropped afterwards). The PostgreSQL baseline runs first, into
+daily_recommendations as ensure_contract_tables creates it (one plain table with the primary key); the first
+publish then includes converting it (still empty) to one partition per (ds, scenario).
 """
 
 from __future__ import annotations
