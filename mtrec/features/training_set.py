@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import secrets
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -95,6 +96,41 @@ def sequences_for(wh: Warehouse, cfg: MtrecConfig, keys: pd.DataFrame) -> np.nda
     table = np.full((len(uniques) + 1, n), "", dtype=object)  # last row: users without history
     table[pair_ids, seq["rn"].to_numpy().astype(int) - 1] = seq["item_id"].to_numpy()
     return table[np.where(row_pairs >= 0, row_pairs, len(uniques))]
+
+
+@dataclass
+class SequenceCodes:
+    """Behaviour sequences of many users at one cut-off, kept compact: item codes [n_users, N] (-1: padding)."""
+
+    users: pd.Index
+    codes: np.ndarray  # int32 [n_users, N]
+    items: np.ndarray  # object [n_codes + 1]: the item id of each code, then "" (padding)
+
+    def rows(self, user_ids: list[str]) -> np.ndarray:
+        """Object array [len(user_ids), N] of item ids as `sequences_for` returns it; unknown users: padding."""
+        pos = self.users.get_indexer(pd.Index(user_ids))
+        codes = np.where(pos[:, None] >= 0, self.codes[np.maximum(pos, 0)], -1)
+        return self.items[np.where(codes >= 0, codes, len(self.items) - 1)]
+
+
+def sequence_codes(wh: Warehouse, cfg: MtrecConfig, user_ids: list[str], cutoff: pd.Timestamp,
+                   batch: int = 50_000) -> SequenceCodes:
+    """`sequences_for` of every user at one cut-off, in batches of users (one warehouse query each), as codes."""
+    users = pd.Index(list(dict.fromkeys(user_ids)))
+    n = max(cfg.features.sequence_length, 0)
+    codes = np.full((len(users), n), -1, np.int32)
+    known = pd.Index([], dtype=object)
+    for start in range(0, len(users), batch):
+        part = users[start:start + batch]
+        seq = sequences_for(wh, cfg, pd.DataFrame({"user_id": part, "cutoff": cutoff}))
+        flat = seq.ravel()
+        present = flat != ""
+        new = pd.Index(pd.unique(flat[present]))
+        known = known.append(new.difference(known)) if len(known) else new
+        c = np.full(flat.shape, -1, np.int64)
+        c[present] = known.get_indexer(flat[present])
+        codes[start:start + len(part)] = c.reshape(seq.shape)
+    return SequenceCodes(users=users, codes=codes, items=np.append(known.to_numpy(dtype=object), ""))
 
 
 def load_item_embeddings(cfg: MtrecConfig, wh: Warehouse | None = None,

@@ -98,6 +98,7 @@ def item_vectors(embeddings: ItemEmbeddings | None, items: list[str]) -> tuple[t
 
 
 SIMILARITY_TABLE_ITEMS = 4096  # up to this universe size the item x item cosine table is precomputed
+SIMILARITY_ROWS = 256  # users whose similarity rows are ranked at a time
 
 
 class SimilarItems:
@@ -122,15 +123,21 @@ class SimilarItems:
         """seen [U, L] universe indices (-1: none) -> [U, k] nearest items, -1 for users without a profile."""
         ok = seen >= 0
         ok[ok.clone()] = self.has_vector[seen[ok]]
-        bag = torch.where(ok, seen, torch.full_like(seen, self.n))
-        if self.table is not None:
-            sims = torch.nn.functional.embedding_bag(bag, self.table, mode="sum", padding_idx=self.n)
-        else:
-            sims = torch.nn.functional.embedding_bag(bag, self.vectors, mode="sum", padding_idx=self.n) \
-                @ self.vectors[:-1].T
-        sims[:, ~self.has_vector] = float("-inf")
-        top = torch.topk(sims, self.k, dim=1).indices
-        return torch.where(ok.any(1, keepdim=True), top, torch.full_like(top, -1))
+        top = torch.full((len(seen), self.k), -1, dtype=torch.long)
+        users = ok.any(1).nonzero().squeeze(1)  # users without a titled positive have no profile
+        for r in range(0, len(users), SIMILARITY_ROWS):  # a block of users' scores stays in cache for top-k
+            rows = users[r:r + SIMILARITY_ROWS]
+            # bags of the positives only (sequences are mostly padding): offsets into the flat list
+            bag_ok = ok[rows]
+            flat = seen[rows][bag_ok]
+            offsets = torch.cat([torch.zeros(1, dtype=torch.long), bag_ok.sum(1).cumsum(0)[:-1]])
+            if self.table is not None:
+                sims = torch.nn.functional.embedding_bag(flat, self.table, offsets, mode="sum")
+            else:
+                sims = torch.nn.functional.embedding_bag(flat, self.vectors, offsets, mode="sum") @ self.vectors[:-1].T
+            sims[:, ~self.has_vector] = float("-inf")
+            top[rows] = torch.topk(sims, self.k, dim=1).indices
+        return top
 
 
 def similar_items(cfg: MtrecConfig, embeddings: ItemEmbeddings | None, items: list[str]) -> SimilarItems | None:
@@ -158,7 +165,8 @@ def candidate_grid(cfg: MtrecConfig, uni: Universe, seen: torch.Tensor,
     invalid = cand < 0
     invalid[:, 1:] |= cand[:, 1:] == cand[:, :-1]  # repeated (popular and similar, say)
     if cfg.scoring.candidates.exclude_seen and seen.shape[1] and cand.shape[1]:
-        invalid |= (cand.unsqueeze(-1) == seen.unsqueeze(1)).any(-1)
+        for j in (seen >= 0).any(0).nonzero().squeeze(1).tolist():  # columns of padding only are skipped
+            invalid |= cand == seen[:, j:j + 1]
     counts = (~invalid).sum(1)
     width = max(int(counts.max()) if n_users and cand.shape[1] else 0, 1)
     order = torch.argsort(cand + invalid.long() * (n_items + 1), dim=1)[:, :width]

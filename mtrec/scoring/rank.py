@@ -22,7 +22,7 @@ import torch
 
 from mtrec import schema as S
 from mtrec.config import MtrecConfig
-from mtrec.features.training_set import build_scoring_table
+from mtrec.features.training_set import SequenceCodes, build_scoring_table
 from mtrec.scoring.candidates import Universe, candidate_grid, similar_items
 from mtrec.training.encoding import to_device
 from mtrec.warehouse import Warehouse
@@ -138,9 +138,10 @@ def scoring_workers(cfg: MtrecConfig) -> int:
 
 def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, users: list[str],
                   scorer: Scorer, *, run_id: str, created_at: dt.datetime, on_chunk=None,
-                  store=None) -> Iterator[pa.Table]:
+                  store=None, sequences: SequenceCodes | None = None) -> Iterator[pa.Table]:
     """Yield the top-K rows of every user of the scenario (Arrow, `arrow_schema(cfg)`), one user chunk at a time,
-    in user order."""
+    in user order. `sequences`: the users' behaviour sequences as of the end of ds, fetched once for every
+    scenario (a user's sequence does not depend on the scenario); otherwise each chunk queries its own."""
     k = cfg.scoring.top_k
     weights = cfg.fusion_weights(uni.scenario)
     n_items = len(uni.items)
@@ -170,8 +171,12 @@ def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, u
 
     def score_chunk(start: int) -> tuple[int, int, pa.Table]:
         frame = user_rows.frame.iloc[start:start + chunk].reset_index(drop=True)
-        with warehouse:
-            seq = sequences_for(wh, cfg, frame[["user_id", "feature_time"]].rename(columns={"feature_time": "cutoff"}))
+        if sequences is not None:
+            seq = sequences.rows(users[start:start + chunk])
+        else:
+            with warehouse:
+                seq = sequences_for(wh, cfg, frame[["user_id", "feature_time"]].rename(
+                    columns={"feature_time": "cutoff"}))
         u_side = scorer.users(replace(user_rows, frame=frame, sequences=seq))
         seen = torch.from_numpy(item_index.get_indexer(pd.Index(seq.ravel())).reshape(seq.shape)) \
             if seq.size else torch.full((len(frame), 0), -1, dtype=torch.long)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 
 from mtrec.config import MtrecConfig
@@ -85,8 +86,9 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     import torch
     from tqdm.auto import tqdm
 
-    from mtrec.data.raw import known_scenarios
+    from mtrec.data.raw import end_of_day, known_scenarios
     from mtrec.features import store as FS
+    from mtrec.features.training_set import sequence_codes
     from mtrec.scoring.candidates import active_users, universe
     from mtrec.scoring.rank import arrow_schema, rank_scenario
 
@@ -110,23 +112,26 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     users: dict[str, int] = {}
     started = time.perf_counter()
     pairs: list[int] = []  # scored pairs per user chunk
+    people = {scenario: active_users(wh, cfg, ds, scenario) for scenario in todo}
+    # behaviour sequences depend on the user only: one pass for the users of every scenario
+    sequences = sequence_codes(wh, cfg, [u for p in people.values() for u in p], pd.Timestamp(end_of_day(ds)))
     for scenario in todo:
         uni = universe(wh, cfg, ds, scenario)
-        people = active_users(wh, cfg, ds, scenario)
-        users[scenario] = len(people)
+        users[scenario] = len(people[scenario])
         final = out / f"{scenario}.parquet"
         tmp = out / f".{scenario}.parquet.tmp{os.getpid()}"
         n = 0
-        bar = tqdm(total=len(people), desc=f"score {scenario}", unit="user", leave=False, mininterval=1.0)
+        bar = tqdm(total=users[scenario], desc=f"score {scenario}", unit="user", leave=False, mininterval=1.0)
         with pq.ParquetWriter(tmp, schema) as writer:
-            for table in rank_scenario(cfg, wh, ds, uni, people, scorer, run_id=run_id, created_at=created,
-                                       on_chunk=lambda u, p, bar=bar: (bar.update(u), pairs.append(p)), store=store):
+            for table in rank_scenario(cfg, wh, ds, uni, people[scenario], scorer, run_id=run_id,
+                                       created_at=created, store=store, sequences=sequences,
+                                       on_chunk=lambda u, p, bar=bar: (bar.update(u), pairs.append(p))):
                 writer.write_table(table)
                 n += table.num_rows
         bar.close()
         os.replace(tmp, final)
         rows[scenario] = n
-        log.info("score %s %s: %d users, %d items in the universe, %d rows", ds, scenario, len(people),
+        log.info("score %s %s: %d users, %d items in the universe, %d rows", ds, scenario, users[scenario],
                  len(uni.items), n)
     _merge_success(out / SUCCESS_FILE, ds, run_id, label, rows)
     seconds = time.perf_counter() - started

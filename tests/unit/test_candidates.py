@@ -24,6 +24,8 @@ def _world(seed: int = 0, n_items: int = 300, n_users: int = 64, seq_len: int = 
                      rates={})
     seen = rng.integers(-1, n_items, size=(n_users, seq_len))
     seen[:5] = -1  # users without history: no similar items
+    seen[::2, 1] = -1  # a positive outside the universe, before others
+    seen[::3, seq_len - 2:] = -1  # short histories (padding at the end)
     return uni, emb, torch.from_numpy(seen)
 
 
