@@ -62,8 +62,9 @@ def _score(home: str, threads: int, queue) -> None:
 
 
 def _forward_only(home: str, threads: int, n_pairs: int, queue) -> None:
-    """The champion's pair forward alone, on pre-built user/item sides and the stage's own candidate grid for up
-    to 4096 users of the first scenario, in the stage's blocks (no features, no candidates, no top-K, no I/O)."""
+    """The champion's forward alone on pre-built tensors: the user side of up to 4096 users of the first scenario,
+    then their pairs on the stage's own candidate grid, in the stage's blocks (no features, no encoding, no
+    candidates, no top-K, no I/O; the item side, computed once per scenario, is left out)."""
     import pandas as pd
     import torch
 
@@ -73,6 +74,7 @@ def _forward_only(home: str, threads: int, n_pairs: int, queue) -> None:
     from mtrec.registry import ModelRegistry
     from mtrec.scoring.candidates import active_users, candidate_grid, similar_items, universe
     from mtrec.scoring.rank import ModelScorer, pair_blocks
+    from mtrec.training.encoding import to_device
     from mtrec.warehouse import open_warehouse
 
     torch.set_num_threads(threads)
@@ -87,7 +89,8 @@ def _forward_only(home: str, threads: int, n_pairs: int, queue) -> None:
     emb = load_item_embeddings(cfg, wh)
     table = build_scoring_table(cfg, wh, END, pd.DataFrame({"user_id": users, "scenario": scenario, "item_id": ""}),
                                 sides=("user",), embeddings=emb)
-    u = scorer.users(table)
+    batch, text = scorer.art.encoder.transform(table, labels=False)
+    batch = to_device(batch, torch.device("cpu"))  # the pre-built tensors
     i = scorer.items(build_scoring_table(cfg, wh, END, pd.DataFrame({"user_id": "", "scenario": scenario,
                                                                      "item_id": uni.items}), sides=("item",),
                                          embeddings=emb), uni)
@@ -95,11 +98,14 @@ def _forward_only(home: str, threads: int, n_pairs: int, queue) -> None:
                             .reshape(table.sequences.shape))
     cand, valid = candidate_grid(cfg, uni, seen, similar_items(cfg, emb, uni.items))
     blocks = [(rows, cand[rows, :w], int(valid[rows, :w].sum())) for rows, w in pair_blocks(valid)]
+    model = scorer.art.model.eval()
     done, t = 0, time.perf_counter()
-    while done < n_pairs:
-        for rows, c, n in blocks:
-            scorer.grid(u, i, rows, c)
-            done += n
+    with torch.no_grad():
+        while done < n_pairs:
+            u = {**model.user_side(batch, text), "_scenario": batch["scenario"]}  # the user side, then the pairs
+            for rows, c, n in blocks:
+                scorer.grid(u, i, rows, c)
+                done += n
     queue.put({"seconds": time.perf_counter() - t, "pairs": done})
 
 

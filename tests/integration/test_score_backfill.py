@@ -93,17 +93,22 @@ def test_score_lists_are_complete_ranked_and_exclude_seen_items(world):
     np.testing.assert_allclose(df["score"], w["click"] * df["p_click"] + w["like"] * df["p_like"], rtol=1e-5)
 
 
-def test_chunking_does_not_change_the_lists(world, tmp_path):
-    """Memory is bounded by the user chunk; the result must not depend on it."""
+@pytest.mark.parametrize("workers", [1, 3])
+def test_chunking_does_not_change_the_lists(world, workers):
+    """Memory is bounded by the user chunk and chunks are scored side by side; the result (rows and their order)
+    must depend on neither."""
     from mtrec.steps import score
 
     cfg, _ = world
     ds = DAYS[1]
-    big = score.run(cfg, ds, run_id="t-big", scenarios=["home"])
-    small_cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"batch_users": 16})})
-    small = score.run(small_cfg, ds, run_id="t-small", scenarios=["home"])
+    big_cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"workers": 1})})
+    big = score.run(big_cfg, ds, run_id="t-big", scenarios=["home"])
+    small_cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"batch_users": 16,
+                                                                                 "workers": workers})})
+    small = score.run(small_cfg, ds, run_id=f"t-small-{workers}", scenarios=["home"])
     a = pd.read_parquet(f"{big.scores_dir}/home.parquet")
     b = pd.read_parquet(f"{small.scores_dir}/home.parquet")
+    assert a["user_id"].nunique() > 3 * 16  # several chunks
     pd.testing.assert_frame_equal(_content(a), _content(b))
 
 
