@@ -9,11 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,10 @@ import torch
 
 from mtrec import schema as S
 from mtrec.config import MtrecConfig
+from mtrec.data.raw import end_of_day
+from mtrec.features.frame import FeatureTable
 from mtrec.features.training_set import SequenceCodes, build_scoring_table
-from mtrec.scoring.candidates import Universe, candidate_grid, similar_items
+from mtrec.scoring.candidates import SimilarItems, Universe, candidate_grid, similar_items
 from mtrec.training.encoding import to_device
 from mtrec.warehouse import Warehouse
 
@@ -147,58 +148,73 @@ def scoring_workers(cfg: MtrecConfig) -> int:
     return cfg.scoring.workers or available_cpus()
 
 
-def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, users: list[str],
-                  scorer: Scorer, *, run_id: str, created_at: dt.datetime, on_chunk=None,
-                  store=None, sequences: SequenceCodes | None = None) -> Iterator[pa.Table]:
-    """Yield the top-K rows of every user of the scenario (Arrow, `arrow_schema(cfg)`), one user chunk at a time,
-    in user order. `sequences`: the users' behaviour sequences as of the end of ds, fetched once for every
-    scenario (a user's sequence does not depend on the scenario); otherwise each chunk queries its own."""
-    k = cfg.scoring.top_k
-    weights = cfg.fusion_weights(uni.scenario)
+@dataclass
+class ScenarioPlan:
+    """Everything a scenario's user chunks share, prepared before (or while another scenario is) scoring."""
+
+    uni: Universe
+    users: list[str]
+    user_rows: FeatureTable  # user-side features of every user, one row per user in `users` order, no sequences
+    sequences: SequenceCodes
+    i_side: dict[str, torch.Tensor]
+    similar: SimilarItems | None
+    chunk: int
+
+
+def plan_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, users: list[str], scorer: Scorer, *,
+                  store=None, sequences: SequenceCodes | None = None) -> ScenarioPlan | None:
+    """The item side, the users' features (one Feast retrieval, joined once) and the similar-items table of a
+    scenario; None when there is nothing to rank. `sequences`: the behaviour sequences as of the end of ds,
+    fetched once for the users of every scenario (a user's sequence does not depend on the scenario)."""
     n_items = len(uni.items)
     if not users or not n_items:
-        return
+        return None
     from mtrec.features import store as FS
-    from mtrec.features.training_set import load_item_embeddings, retrieve_side, sequences_for
+    from mtrec.features.training_set import load_item_embeddings, retrieve_side, sequence_codes
 
-    schema = arrow_schema(cfg)
     store = store or FS.feature_store(cfg)
     embeddings = load_item_embeddings(cfg, wh)  # once per scenario, shared by every chunk
     item_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
         {"user_id": "", "scenario": uni.scenario, "item_id": uni.items}), sides=("item",), store=store,
         embeddings=embeddings)
-    # The user-side features of every user of the scenario: one Feast retrieval, joined once, one row per user
-    # in `users` order; a chunk takes its rows by position and adds its behaviour sequences.
     user_rows = build_scoring_table(cfg, wh, ds, pd.DataFrame(
         {"user_id": users, "scenario": uni.scenario, "item_id": ""}), sides=("user",),
         prefetched={"user": retrieve_side(cfg, ds, "user", users, uni.scenario, store=store)}, store=store,
         embeddings=embeddings, sequences=False)
-    i_side = scorer.items(item_table, uni)
-    similar = similar_items(cfg, embeddings, uni.items)
+    if sequences is None:
+        sequences = sequence_codes(wh, cfg, users, pd.Timestamp(end_of_day(ds)))
+    return ScenarioPlan(uni=uni, users=users, user_rows=user_rows, sequences=sequences,
+                        i_side=scorer.items(item_table, uni), similar=similar_items(cfg, embeddings, uni.items),
+                        chunk=max(16, min(cfg.scoring.batch_users, MASK_CELLS // max(n_items, 1))))
+
+
+def rank_plan(cfg: MtrecConfig, ds: dt.date, plan: ScenarioPlan | None, scorer: Scorer, *, run_id: str,
+              created_at: dt.datetime, on_chunk=None) -> Iterator[pa.Table]:
+    """Yield the top-K rows of every user of a planned scenario (Arrow, `arrow_schema(cfg)`), one user chunk at a
+    time, in user order. Uses no warehouse connection."""
+    if plan is None:
+        return
+    uni, users, chunk = plan.uni, plan.users, plan.chunk
+    schema = arrow_schema(cfg)
+    weights = cfg.fusion_weights(uni.scenario)
     item_index = pd.Index(uni.items)
     item_ids = pa.array(uni.items, type=pa.string())
-    chunk = max(16, min(cfg.scoring.batch_users, MASK_CELLS // max(n_items, 1)))
-    warehouse = threading.Lock()  # one chunk at a time talks to the warehouse connection
 
     def score_chunk(start: int) -> tuple[int, int, pa.Table]:
-        frame = user_rows.frame.iloc[start:start + chunk].reset_index(drop=True)
-        if sequences is not None:
-            seq = sequences.rows(users[start:start + chunk])
-        else:
-            with warehouse:
-                seq = sequences_for(wh, cfg, frame[["user_id", "feature_time"]].rename(
-                    columns={"feature_time": "cutoff"}))
-        u_side = scorer.users(replace(user_rows, frame=frame, sequences=seq))
+        ids = users[start:start + chunk]
+        seq = plan.sequences.rows(ids)
+        u_side = scorer.users(replace(plan.user_rows, frame=plan.user_rows.frame.iloc[start:start + chunk]
+                                      .reset_index(drop=True), sequences=seq))
         seen = torch.from_numpy(item_index.get_indexer(pd.Index(seq.ravel())).reshape(seq.shape)) \
-            if seq.size else torch.full((len(frame), 0), -1, dtype=torch.long)
-        cand, valid = candidate_grid(cfg, uni, seen, similar)
-        scores, probs = _score_grid(scorer, u_side, i_side, cand, valid, weights)
-        table = _top_k(cfg, schema, ds, uni.scenario, users[start:start + chunk], item_ids, cand, scores, probs, k,
+            if seq.size else torch.full((len(ids), 0), -1, dtype=torch.long)
+        cand, valid = candidate_grid(cfg, uni, seen, plan.similar)
+        scores, probs = _score_grid(scorer, u_side, plan.i_side, cand, valid, weights)
+        table = _top_k(cfg, schema, ds, uni.scenario, ids, item_ids, cand, scores, probs, cfg.scoring.top_k,
                        version=scorer.version, run_id=run_id, created_at=created_at)
-        return len(frame), int(valid.sum()), table
+        return len(ids), int(valid.sum()), table
 
-    # Chunks are scored side by side by `scoring.workers` threads (torch, DuckDB, numpy and Arrow release the GIL
-    # in their kernels); at most workers + 1 chunks are in memory, and they come out in user order.
+    # Chunks are scored side by side by `scoring.workers` threads (torch, numpy and Arrow release the GIL in their
+    # kernels); at most workers + 1 chunks are in memory, and they come out in user order.
     workers = scoring_workers(cfg)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mtrec-score") as pool:
         pending: deque = deque()
@@ -208,6 +224,14 @@ def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, u
                 yield _finish(pending.popleft(), on_chunk)
         while pending:
             yield _finish(pending.popleft(), on_chunk)
+
+
+def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, users: list[str],
+                  scorer: Scorer, *, run_id: str, created_at: dt.datetime, on_chunk=None,
+                  store=None, sequences: SequenceCodes | None = None) -> Iterator[pa.Table]:
+    """`plan_scenario` then `rank_plan`: the top-K rows of every user of one scenario, chunk by chunk."""
+    plan = plan_scenario(cfg, wh, ds, uni, users, scorer, store=store, sequences=sequences)
+    yield from rank_plan(cfg, ds, plan, scorer, run_id=run_id, created_at=created_at, on_chunk=on_chunk)
 
 
 def _finish(future, on_chunk) -> pa.Table:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     from mtrec.features import store as FS
     from mtrec.features.training_set import sequence_codes
     from mtrec.scoring.candidates import active_users, universe
-    from mtrec.scoring.rank import arrow_schema, rank_scenario
+    from mtrec.scoring.rank import arrow_schema, plan_scenario, rank_plan
 
     torch.set_num_threads(cfg.training.num_threads or 1)
     mv, label = resolve_model(cfg, wh, ds, model)
@@ -115,24 +116,34 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     people = {scenario: active_users(wh, cfg, ds, scenario) for scenario in todo}
     # behaviour sequences depend on the user only: one pass for the users of every scenario
     sequences = sequence_codes(wh, cfg, [u for p in people.values() for u in p], pd.Timestamp(end_of_day(ds)))
-    for scenario in todo:
+
+    def plan(scenario: str):
         uni = universe(wh, cfg, ds, scenario)
-        users[scenario] = len(people[scenario])
-        final = out / f"{scenario}.parquet"
-        tmp = out / f".{scenario}.parquet.tmp{os.getpid()}"
-        n = 0
-        bar = tqdm(total=users[scenario], desc=f"score {scenario}", unit="user", leave=False, mininterval=1.0)
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for table in rank_scenario(cfg, wh, ds, uni, people[scenario], scorer, run_id=run_id,
-                                       created_at=created, store=store, sequences=sequences,
+        return uni, plan_scenario(cfg, wh, ds, uni, people[scenario], scorer, store=store, sequences=sequences)
+
+    # The next scenario is planned (warehouse, Feast, item side) in a thread while this one is ranked (which uses
+    # no warehouse connection), so a CPU left idle by planning is not lost.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrec-score-plan") as planner:
+        upcoming = planner.submit(plan, todo[0]) if todo else None
+        for i, scenario in enumerate(todo):
+            uni, scenario_plan = upcoming.result()
+            if i + 1 < len(todo):
+                upcoming = planner.submit(plan, todo[i + 1])
+            users[scenario] = len(people[scenario])
+            final = out / f"{scenario}.parquet"
+            tmp = out / f".{scenario}.parquet.tmp{os.getpid()}"
+            n = 0
+            bar = tqdm(total=users[scenario], desc=f"score {scenario}", unit="user", leave=False, mininterval=1.0)
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for table in rank_plan(cfg, ds, scenario_plan, scorer, run_id=run_id, created_at=created,
                                        on_chunk=lambda u, p, bar=bar: (bar.update(u), pairs.append(p))):
-                writer.write_table(table)
-                n += table.num_rows
-        bar.close()
-        os.replace(tmp, final)
-        rows[scenario] = n
-        log.info("score %s %s: %d users, %d items in the universe, %d rows", ds, scenario, users[scenario],
-                 len(uni.items), n)
+                    writer.write_table(table)
+                    n += table.num_rows
+            bar.close()
+            os.replace(tmp, final)
+            rows[scenario] = n
+            log.info("score %s %s: %d users, %d items in the universe, %d rows", ds, scenario, users[scenario],
+                     len(uni.items), n)
     _merge_success(out / SUCCESS_FILE, ds, run_id, label, rows)
     seconds = time.perf_counter() - started
     pairs_total = sum(pairs)
