@@ -137,12 +137,15 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=2000)
     ap.add_argument("--days", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the stage (its default is 1)")
+    ap.add_argument("--home", help="score an existing bench home (as left by --keep) instead of generating one")
+    ap.add_argument("--keep", help="generate into this directory (one home per user count) and keep it")
     args = ap.parse_args()
     rss = {}
     for n_users in args.users:
         with tempfile.TemporaryDirectory() as tmp:
-            home = str(Path(tmp) / "home")
-            _setup(home, n_users, args.items, args.days, args.threads)
+            home = args.home or str(Path(args.keep or tmp) / f"home-{n_users}")
+            if not args.home:
+                _setup(home, n_users, args.items, args.days, args.threads)
             full = _in_child(_score, home, args.threads)
             pairs_per_s = full["pairs"] / full["seconds"]
             cold_per_s = full["pairs"] / (full["seconds"] + full["import_seconds"])

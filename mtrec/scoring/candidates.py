@@ -136,8 +136,23 @@ class SimilarItems:
             else:
                 sims = torch.nn.functional.embedding_bag(flat, self.vectors, offsets, mode="sum") @ self.vectors[:-1].T
             sims[:, ~self.has_vector] = float("-inf")
-            top[rows] = torch.topk(sims, self.k, dim=1).indices
+            top[rows] = _top_indices(sims, self.k)
         return top
+
+
+def _top_indices(x: torch.Tensor, k: int, block: int = 8) -> torch.Tensor:
+    """Indices of the k largest values of each row (as torch.topk, about twice as fast on wide rows): the row's
+    top k lie in the k blocks of `block` columns with the largest maxima, so only those k * block values are
+    ranked."""
+    n_rows, n = x.shape
+    n_blocks = -(-n // block)
+    if n_blocks <= 2 * k:
+        return torch.topk(x, k, dim=1).indices
+    if n % block:
+        x = torch.cat([x, x.new_full((n_rows, n_blocks * block - n), float("-inf"))], 1)
+    best = torch.topk(x.view(n_rows, n_blocks, block).amax(-1), k, dim=1, sorted=False).indices
+    cols = (best.unsqueeze(-1) * block + torch.arange(block)).view(n_rows, -1)
+    return cols.gather(1, torch.topk(x.gather(1, cols), k, dim=1).indices)
 
 
 def similar_items(cfg: MtrecConfig, embeddings: ItemEmbeddings | None, items: list[str]) -> SimilarItems | None:

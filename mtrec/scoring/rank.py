@@ -208,9 +208,9 @@ def rank_plan(cfg: MtrecConfig, ds: dt.date, plan: ScenarioPlan | None, scorer: 
         seen = torch.from_numpy(item_index.get_indexer(pd.Index(seq.ravel())).reshape(seq.shape)) \
             if seq.size else torch.full((len(ids), 0), -1, dtype=torch.long)
         cand, valid = candidate_grid(cfg, uni, seen, plan.similar)
-        scores, probs = _score_grid(scorer, u_side, plan.i_side, cand, valid, weights)
-        table = _top_k(cfg, schema, ds, uni.scenario, ids, item_ids, cand, scores, probs, cfg.scoring.top_k,
-                       version=scorer.version, run_id=run_id, created_at=created_at)
+        top = _score_grid(scorer, u_side, plan.i_side, cand, valid, weights, cfg.scoring.top_k)
+        table = _top_k(cfg, schema, ds, uni.scenario, ids, item_ids, *top, version=scorer.version, run_id=run_id,
+                       created_at=created_at)
         return len(ids), int(valid.sum()), table
 
     # Chunks are scored side by side by `scoring.workers` threads (torch, numpy and Arrow release the GIL in their
@@ -256,38 +256,43 @@ def pair_blocks(valid: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
 
 
 def _score_grid(scorer: Scorer, u_side: dict, i_side: dict, cand: torch.Tensor, valid: torch.Tensor,
-                weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Fused scores [U, W] (-inf where there is no candidate) and task probabilities."""
-    n_users, width = cand.shape
-    scores = torch.full((n_users, width), float("-inf"))
-    probs = {t: torch.zeros((n_users, width)) for t in scorer.tasks}
+                weights: dict[str, float], k: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Each user's top k candidates by fused score, block by block (a block holds whole users, so its own top-k
+    is final): (scores [U, k] (-inf past the user's candidates), universe indices [U, k], {task: probabilities
+    [U, k]})."""
+    n_users = cand.shape[0]
+    top_s = torch.full((n_users, k), float("-inf"))
+    top_i = torch.zeros((n_users, k), dtype=torch.long)
+    top_p = {t: torch.zeros((n_users, k)) for t in scorer.tasks}
     for rows, w in pair_blocks(valid):
-        p = scorer.grid(u_side, i_side, rows, cand[rows, :w])
+        c = cand[rows, :w]
+        p = scorer.grid(u_side, i_side, rows, c)
+        fused = torch.where(valid[rows, :w], _fuse(p, weights).cpu(), float("-inf"))
+        kk = min(k, w)
+        s, j = torch.topk(fused, kk, dim=1)
+        top_s[rows, :kk] = s
+        top_i[rows, :kk] = c.gather(1, j)
         for t in scorer.tasks:
-            probs[t][rows, :w] = p[t].float().cpu()
-        scores[rows, :w] = torch.where(valid[rows, :w], _fuse(p, weights).cpu(), float("-inf"))
-    return scores, probs
+            top_p[t][rows, :kk] = p[t].float().cpu().gather(1, j)
+    return top_s, top_i, top_p
 
 
 def _top_k(cfg: MtrecConfig, schema: pa.Schema, ds: dt.date, scenario: str, ids: list[str], item_ids: pa.Array,
-           cand: torch.Tensor, scores: torch.Tensor, probs: dict[str, torch.Tensor], k: int, *, version: str,
+           top_s: torch.Tensor, top_i: torch.Tensor, top_p: dict[str, torch.Tensor], *, version: str,
            run_id: str, created_at: dt.datetime) -> pa.Table:
-    """The rows of daily_recommendations for a chunk: each user's top-k candidates by fused score."""
-    kk = min(k, cand.shape[1])
-    top_s, top_c = torch.topk(scores, kk, dim=1)
+    """The rows of daily_recommendations for a chunk from each user's top-k (padding dropped), ranks from 1."""
     keep = torch.isfinite(top_s)
-    rows_u = torch.arange(len(ids)).unsqueeze(1).expand_as(top_c)[keep]
-    cols = top_c[keep]
+    rows_u = torch.arange(len(ids)).unsqueeze(1).expand_as(top_s)[keep]
     n = int(keep.sum())
     columns = {
         "ds": _constant(ds, n, pa.date32()), "scenario": _constant(scenario, n, pa.string()),
         "user_id": pa.array(ids, type=pa.string()).take(pa.array(rows_u.numpy())),
-        "rank": pa.array((torch.arange(kk) + 1).unsqueeze(0).expand_as(top_c)[keep].numpy().astype(np.int64)),
-        "item_id": item_ids.take(pa.array(cand[rows_u, cols].numpy())),
+        "rank": pa.array((torch.arange(top_s.shape[1]) + 1).expand_as(top_s)[keep].numpy().astype(np.int64)),
+        "item_id": item_ids.take(pa.array(top_i[keep].numpy())),
         "score": pa.array(top_s[keep].numpy().astype(np.float64))}
     for t in cfg.task_names:
-        columns[S.prob_column(t)] = pa.array(probs[t][rows_u, cols].numpy().astype(np.float64)) \
-            if t in probs else pa.nulls(n, pa.float64())
+        columns[S.prob_column(t)] = pa.array(top_p[t][keep].numpy().astype(np.float64)) \
+            if t in top_p else pa.nulls(n, pa.float64())
     columns["model_version"] = _constant(version, n, pa.string())
     columns["run_id"] = _constant(run_id, n, pa.string())
     columns["created_at"] = _constant(pd.Timestamp(created_at).to_pydatetime(), n, pa.timestamp("us", tz="UTC"))

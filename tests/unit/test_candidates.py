@@ -85,3 +85,13 @@ def test_no_titles_or_no_similar_source_gives_popular_and_fresh_only():
     common = set(uni.popular.tolist()) | set(uni.fresh.tolist())
     for row, s in zip(_grid_lists(cand, valid), seen, strict=True):
         assert row == sorted(common - set(s.tolist()))
+
+
+@pytest.mark.parametrize("n", [2003, 4096, 50])
+def test_top_indices_equals_torch_topk(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(37, n, generator=g)
+    x[:, ::7] = float("-inf")  # items without a title
+    got = C._top_indices(x, 30).sort(1).values
+    want = torch.topk(x, 30, dim=1).indices.sort(1).values
+    assert torch.equal(got, want)
