@@ -10,7 +10,7 @@ import datetime as dt
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -159,6 +159,13 @@ class ScenarioPlan:
     i_side: dict[str, torch.Tensor]
     similar: SimilarItems | None
     chunk: int
+    weights: dict[str, float]
+    item_index: pd.Index
+    item_ids: pa.Array
+
+    @property
+    def starts(self) -> range:
+        return range(0, len(self.users), self.chunk)
 
 
 def plan_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, users: list[str], scorer: Scorer, *,
@@ -185,60 +192,69 @@ def plan_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, u
         sequences = sequence_codes(wh, cfg, users, pd.Timestamp(end_of_day(ds)))
     return ScenarioPlan(uni=uni, users=users, user_rows=user_rows, sequences=sequences,
                         i_side=scorer.items(item_table, uni), similar=similar_items(cfg, embeddings, uni.items),
-                        chunk=max(16, min(cfg.scoring.batch_users, MASK_CELLS // max(n_items, 1))))
+                        chunk=max(16, min(cfg.scoring.batch_users, MASK_CELLS // max(n_items, 1))),
+                        weights=cfg.fusion_weights(uni.scenario), item_index=pd.Index(uni.items),
+                        item_ids=pa.array(uni.items, type=pa.string()))
 
 
-def rank_plan(cfg: MtrecConfig, ds: dt.date, plan: ScenarioPlan | None, scorer: Scorer, *, run_id: str,
-              created_at: dt.datetime, on_chunk=None) -> Iterator[pa.Table]:
-    """Yield the top-K rows of every user of a planned scenario (Arrow, `arrow_schema(cfg)`), one user chunk at a
-    time, in user order. Uses no warehouse connection."""
-    if plan is None:
-        return
-    uni, users, chunk = plan.uni, plan.users, plan.chunk
-    schema = arrow_schema(cfg)
-    weights = cfg.fusion_weights(uni.scenario)
-    item_index = pd.Index(uni.items)
-    item_ids = pa.array(uni.items, type=pa.string())
+def _score_chunk(cfg: MtrecConfig, ds: dt.date, plan: ScenarioPlan, scorer: Scorer, start: int, *,
+                 run_id: str, created_at: dt.datetime) -> tuple[int, int, pa.Table]:
+    """(users, scored pairs, top-K rows) of the chunk of the plan's users that begins at `start`."""
+    ids = plan.users[start:start + plan.chunk]
+    seq = plan.sequences.rows(ids)
+    u_side = scorer.users(replace(plan.user_rows, frame=plan.user_rows.frame.iloc[start:start + plan.chunk]
+                                  .reset_index(drop=True), sequences=seq))
+    seen = torch.from_numpy(plan.item_index.get_indexer(pd.Index(seq.ravel())).reshape(seq.shape)) \
+        if seq.size else torch.full((len(ids), 0), -1, dtype=torch.long)
+    cand, valid = candidate_grid(cfg, plan.uni, seen, plan.similar)
+    top = _score_grid(scorer, u_side, plan.i_side, cand, valid, plan.weights, cfg.scoring.top_k)
+    table = _top_k(cfg, arrow_schema(cfg), ds, plan.uni.scenario, ids, plan.item_ids, *top, version=scorer.version,
+                   run_id=run_id, created_at=created_at)
+    return len(ids), int(valid.sum()), table
 
-    def score_chunk(start: int) -> tuple[int, int, pa.Table]:
-        ids = users[start:start + chunk]
-        seq = plan.sequences.rows(ids)
-        u_side = scorer.users(replace(plan.user_rows, frame=plan.user_rows.frame.iloc[start:start + chunk]
-                                      .reset_index(drop=True), sequences=seq))
-        seen = torch.from_numpy(item_index.get_indexer(pd.Index(seq.ravel())).reshape(seq.shape)) \
-            if seq.size else torch.full((len(ids), 0), -1, dtype=torch.long)
-        cand, valid = candidate_grid(cfg, uni, seen, plan.similar)
-        top = _score_grid(scorer, u_side, plan.i_side, cand, valid, weights, cfg.scoring.top_k)
-        table = _top_k(cfg, schema, ds, uni.scenario, ids, item_ids, *top, version=scorer.version, run_id=run_id,
-                       created_at=created_at)
-        return len(ids), int(valid.sum()), table
 
-    # Chunks are scored side by side by `scoring.workers` threads (torch, numpy and Arrow release the GIL in their
-    # kernels); at most workers + 1 chunks are in memory, and they come out in user order.
+def rank_plans(cfg: MtrecConfig, ds: dt.date, plans: Iterable[tuple[str, ScenarioPlan | None]], scorer: Scorer, *,
+               run_id: str, created_at: dt.datetime, on_chunk=None) -> Iterator[tuple[str, pa.Table | None]]:
+    """Rank the users of each planned scenario; yield (scenario, top-K rows of a chunk) in user order, then
+    (scenario, None) once the scenario is complete. Uses no warehouse connection.
+
+    Chunks are scored side by side by `scoring.workers` threads (torch, numpy and Arrow release the GIL in their
+    kernels), across scenario boundaries: the next scenario's first chunks start while the last ones of the
+    previous are still running. At most workers + 1 chunks are in memory."""
     workers = scoring_workers(cfg)
+    pending: deque = deque()  # (scenario, future of a chunk | None = end of the scenario), in output order
+
+    def ready(final: bool) -> Iterator[tuple[str, pa.Table | None]]:
+        while pending and (final or pending[0][1] is None or pending[0][1].done()
+                           or sum(f is not None for _, f in pending) > workers):
+            scenario, future = pending.popleft()
+            if future is None:
+                yield scenario, None
+                continue
+            n_users, n_pairs, table = future.result()
+            if on_chunk:
+                on_chunk(scenario, n_users, n_pairs)
+            yield scenario, table
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mtrec-score") as pool:
-        pending: deque = deque()
-        for start in range(0, len(users), chunk):
-            pending.append(pool.submit(score_chunk, start))
-            while len(pending) > workers or (pending and pending[0].done()):
-                yield _finish(pending.popleft(), on_chunk)
-        while pending:
-            yield _finish(pending.popleft(), on_chunk)
+        for scenario, plan in plans:
+            for start in plan.starts if plan is not None else ():
+                pending.append((scenario, pool.submit(_score_chunk, cfg, ds, plan, scorer, start, run_id=run_id,
+                                                      created_at=created_at)))
+                yield from ready(False)
+            pending.append((scenario, None))
+            yield from ready(False)
+        yield from ready(True)
 
 
 def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, users: list[str],
-                  scorer: Scorer, *, run_id: str, created_at: dt.datetime, on_chunk=None,
-                  store=None, sequences: SequenceCodes | None = None) -> Iterator[pa.Table]:
-    """`plan_scenario` then `rank_plan`: the top-K rows of every user of one scenario, chunk by chunk."""
+                  scorer: Scorer, *, run_id: str, created_at: dt.datetime, store=None,
+                  sequences: SequenceCodes | None = None) -> Iterator[pa.Table]:
+    """`plan_scenario` then `rank_plans`: the top-K rows of every user of one scenario, chunk by chunk."""
     plan = plan_scenario(cfg, wh, ds, uni, users, scorer, store=store, sequences=sequences)
-    yield from rank_plan(cfg, ds, plan, scorer, run_id=run_id, created_at=created_at, on_chunk=on_chunk)
-
-
-def _finish(future, on_chunk) -> pa.Table:
-    n_users, n_pairs, table = future.result()
-    if on_chunk:
-        on_chunk(n_users, n_pairs)
-    return table
+    for _, table in rank_plans(cfg, ds, [(uni.scenario, plan)], scorer, run_id=run_id, created_at=created_at):
+        if table is not None:
+            yield table
 
 
 def pair_blocks(valid: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:

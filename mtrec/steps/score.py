@@ -91,7 +91,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     from mtrec.features import store as FS
     from mtrec.features.training_set import sequence_codes
     from mtrec.scoring.candidates import active_users, universe
-    from mtrec.scoring.rank import arrow_schema, plan_scenario, rank_plan
+    from mtrec.scoring.rank import arrow_schema, plan_scenario, rank_plans
 
     torch.set_num_threads(cfg.training.num_threads or 1)
     mv, label = resolve_model(cfg, wh, ds, model)
@@ -110,7 +110,6 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     store = FS.feature_store(cfg)  # one Feast store for every scenario
     created = dt.datetime.now(dt.UTC)  # bookkeeping column only
     rows: dict[str, int] = {}
-    users: dict[str, int] = {}
     started = time.perf_counter()
     pairs: list[int] = []  # scored pairs per user chunk
     people = {scenario: active_users(wh, cfg, ds, scenario) for scenario in todo}
@@ -119,31 +118,48 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
 
     def plan(scenario: str):
         uni = universe(wh, cfg, ds, scenario)
-        return uni, plan_scenario(cfg, wh, ds, uni, people[scenario], scorer, store=store, sequences=sequences)
+        n_items[scenario] = len(uni.items)
+        return plan_scenario(cfg, wh, ds, uni, people[scenario], scorer, store=store, sequences=sequences)
 
-    # The next scenario is planned (warehouse, Feast, item side) in a thread while this one is ranked (which uses
-    # no warehouse connection), so a CPU left idle by planning is not lost.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrec-score-plan") as planner:
-        upcoming = planner.submit(plan, todo[0]) if todo else None
-        for i, scenario in enumerate(todo):
-            uni, scenario_plan = upcoming.result()
-            if i + 1 < len(todo):
-                upcoming = planner.submit(plan, todo[i + 1])
-            users[scenario] = len(people[scenario])
-            final = out / f"{scenario}.parquet"
-            tmp = out / f".{scenario}.parquet.tmp{os.getpid()}"
-            n = 0
-            bar = tqdm(total=users[scenario], desc=f"score {scenario}", unit="user", leave=False, mininterval=1.0)
-            with pq.ParquetWriter(tmp, schema) as writer:
-                for table in rank_plan(cfg, ds, scenario_plan, scorer, run_id=run_id, created_at=created,
-                                       on_chunk=lambda u, p, bar=bar: (bar.update(u), pairs.append(p))):
-                    writer.write_table(table)
-                    n += table.num_rows
-            bar.close()
-            os.replace(tmp, final)
-            rows[scenario] = n
+    def planned():
+        """Scenario plans in order; the next one is planned (warehouse, Feast, item side) in a thread while the
+        current one is ranked (ranking uses no warehouse connection)."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrec-score-plan") as planner:
+            upcoming = planner.submit(plan, todo[0]) if todo else None
+            for i, scenario in enumerate(todo):
+                current = upcoming.result()
+                if i + 1 < len(todo):
+                    upcoming = planner.submit(plan, todo[i + 1])
+                yield scenario, current
+
+    n_items: dict[str, int] = {}
+    users = {scenario: len(people[scenario]) for scenario in todo}
+    bar = tqdm(total=sum(users.values()), desc=f"score {ds}", unit="user-scenario", leave=False, mininterval=1.0)
+    writers: dict[str, pq.ParquetWriter] = {}
+    counts = {scenario: 0 for scenario in todo}
+
+    def tmp_path(scenario: str) -> Path:
+        return out / f".{scenario}.parquet.tmp{os.getpid()}"
+
+    try:
+        for scenario, table in rank_plans(cfg, ds, planned(), scorer, run_id=run_id, created_at=created,
+                                          on_chunk=lambda _s, u, p: (bar.update(u), pairs.append(p))):
+            if scenario not in writers:
+                writers[scenario] = pq.ParquetWriter(tmp_path(scenario), schema)
+            if table is not None:
+                writers[scenario].write_table(table)
+                counts[scenario] += table.num_rows
+                continue
+            writers.pop(scenario).close()  # the scenario is complete
+            os.replace(tmp_path(scenario), out / f"{scenario}.parquet")
+            rows[scenario] = counts[scenario]
             log.info("score %s %s: %d users, %d items in the universe, %d rows", ds, scenario, users[scenario],
-                     len(uni.items), n)
+                     n_items.get(scenario, 0), counts[scenario])
+    finally:
+        bar.close()
+        for scenario, writer in writers.items():  # a failure midway: no partial file is left behind
+            writer.close()
+            tmp_path(scenario).unlink(missing_ok=True)
     _merge_success(out / SUCCESS_FILE, ds, run_id, label, rows)
     seconds = time.perf_counter() - started
     pairs_total = sum(pairs)
