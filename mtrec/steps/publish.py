@@ -4,21 +4,21 @@ Input (written by the score stage): `run_dir/scores/<scenario>.parquet`, one fil
 the columns of `schema.recommendations_spec(cfg)`, and `run_dir/scores/_SUCCESS.json` =
 `{"scenarios": {name: rows}, "model_version": ..., "ds": ...}` written after all of them.
 
-Every staged file is validated (columns and types, ds and scenario of the partition, no duplicate
-(user_id, rank), no nulls, finite scores, probabilities in [0, 1], row count as announced) and sorted by
-(user_id, rank). All the scenarios of a run are then written in one transaction that checks each partition's row
-count before it commits, so a bad file publishes nothing, readers see the old or the new partition, never a mix,
-and a writer killed in the middle leaves the old ones. Scenario i+1 is read and validated while i is written.
+Every staged file is validated before anything is written (columns and types, ds and scenario of the
+partition, no duplicate (user_id, rank), no nulls, finite scores, probabilities in [0, 1], row count as announced)
+and sorted by (user_id, rank). Each write checks the partition's row count before its commit, so readers see the
+old or the new partition, never a mix, and a writer killed in the middle leaves the old one:
 
-- PostgreSQL: daily_recommendations is partitioned by ds, then scenario (one table per partition; a plain
-  table of an earlier version is converted once). Each scenario is COPYed (binary, built column-wise) into a new
-  table with the partition's bounds, its primary key built once over the sorted rows; then the old partition's
+- PostgreSQL: all the scenarios of the run in one transaction, scenario i+1 read and validated while i is
+  written. daily_recommendations is partitioned by ds, then scenario (one table per partition; a plain table of
+  an earlier version is converted once). Each scenario is COPYed (binary, built column-wise) into a new table
+  with the partition's bounds and its primary key built once over the sorted rows; then the old partition's
   table is dropped and the new one attached. Advisory locks serialise publishers of the same partition.
-- DuckDB: the staged Arrow table is scanned in place; rows whose key is already there are UPDATEd, keys
-  that are gone are DELETEd and new keys INSERTed (a new partition: one INSERT). Same end state as delete +
-  insert, but DuckDB's primary-key index makes deleting and re-inserting the same keys in one transaction ~7x
-  slower at commit.
-- Other SQLAlchemy dialects: one transaction per scenario, after all are validated: DELETE + insert_df.
+- DuckDB: one transaction per partition; the staged Arrow table is scanned in place; rows whose key is already
+  there are UPDATEd, keys that are gone are DELETEd and new keys INSERTed. Same end state as delete + insert, but
+  DuckDB's primary-key index makes deleting and re-inserting the same keys in one transaction ~7x slower at commit.
+  (One transaction for all scenarios, validated in a thread meanwhile, measured slower: bigger commit.)
+- Other SQLAlchemy dialects: as DuckDB, with DELETE + the backend's insert_df.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ PK = ("ds", "scenario", *KEY)  # the primary key of daily_recommendations
 COPY_SLICE_ROWS = 50_000  # rows encoded at a time for PostgreSQL COPY
 SWAP_LOCK_TRY_MS = 200  # one attempt at the day's exclusive lock (PostgreSQL); readers behind it wait this long
 SWAP_LOCK_PATIENCE_S = 600  # attempts go on this long, then the publish fails and rolls back
-KEEP_ROWS = 2_000_000  # other dialects: validated rows kept in memory between validation and writes
+KEEP_ROWS = 2_000_000  # DuckDB and others: validated rows kept in memory between validation and writes
 
 _view_ids = itertools.count()
 
@@ -270,13 +270,10 @@ def _write_duckdb(wh: Any, table: pa.Table, ds: dt.date, scenario: str) -> int:
     with wh.transaction():
         wh.con.register(v, table)
         try:
-            insert = f"INSERT INTO {t} ({', '.join(q(c) for c in staged)}) SELECT {', '.join(q(c) for c in staged)} FROM {v}"
-            if not _count(wh, ds, scenario):  # a new partition: nothing to match against
-                wh.execute(insert)
-                return _check_count(wh, ds, scenario, table.num_rows)
             wh.execute(f"UPDATE {t} SET {', '.join(sets)} FROM {v} WHERE {in_part} AND {same_key}", part)
             wh.execute(f"DELETE FROM {t} WHERE {in_part} AND NOT EXISTS (SELECT 1 FROM {v} WHERE {same_key})", part)
-            wh.execute(f"{insert} WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {in_part} AND {same_key})", part)
+            wh.execute(f"INSERT INTO {t} ({', '.join(q(c) for c in staged)}) SELECT {', '.join(q(c) for c in staged)} "
+                       f"FROM {v} WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {in_part} AND {same_key})", part)
             return _check_count(wh, ds, scenario, table.num_rows)
         finally:
             try:
@@ -707,25 +704,9 @@ def _publish_postgres(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Any, names
     return rows, seconds
 
 
-def _publish_duckdb(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Any, names: list[str],
-                    staged: dict[str, int], warnings: list[str]) -> tuple[dict[str, int], dict[str, float]]:
-    """All scenarios in one transaction, each written while the next one is read and validated."""
-    rows: dict[str, int] = {}
-    seconds: dict[str, float] = {}
-    with wh.transaction():
-        t0 = time.perf_counter()
-        for s, table in _prefetched(cfg, ds, run_id, names, staged, warnings):
-            rows[s] = _write_duckdb(wh, table, ds, s)
-            del table
-            seconds[s], t0 = round(time.perf_counter() - t0, 3), time.perf_counter()
-    for s in names:
-        log.info("publish %s/%s: %d rows in %.2fs", ds, s, rows[s], seconds[s])
-    return rows, seconds
-
-
 def _publish_each(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, names: list[str],
                   staged: dict[str, int], warnings: list[str]) -> tuple[dict[str, int], dict[str, float]]:
-    """One transaction per scenario, after all are validated (bad input publishes nothing). Validated tables
+    """DuckDB and other dialects: one transaction per scenario, after all are validated (bad input publishes nothing). Validated tables
     are kept for the write pass up to KEEP_ROWS in all; the others are read (and checked) again when written."""
     kept: dict[str, pa.Table] = {}
     kept_rows = 0
@@ -765,8 +746,6 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         except Exception as e:  # noqa: BLE001 - e.g. a failed commit: name the table and date, one line
             raise WarehouseError(f"publishing scenario(s) {', '.join(names)} failed: {str(e).splitlines()[0]}",
                                  table=TABLE, ds=ds) from e
-    elif wh.dialect == "duckdb" and hasattr(wh, "con") and names:
-        rows, seconds = _publish_duckdb(cfg, ds, run_id, wh, names, staged, warnings)
     else:
         rows, seconds = _publish_each(cfg, ds, run_id, wh, names, staged, warnings)
     total = sum(rows.values())
