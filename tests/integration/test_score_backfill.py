@@ -169,3 +169,25 @@ def test_backfill_equals_daily_runs_and_is_idempotent(world):
     assert forced[0].status == "success"
     redone = _read(cfg, DAYS[-1])
     pd.testing.assert_frame_equal(_content(redone), _content(filled[filled["ds"] == DAYS[-1]]))
+
+
+def test_a_failure_midway_leaves_no_partial_staging(world, monkeypatch):
+    """A chunk that fails after others were written: the error surfaces, no staged file or marker is left."""
+    import mtrec.scoring.rank as rank
+    from mtrec.steps import score
+
+    cfg, _ = world
+    real = rank._score_chunk
+
+    def flaky(cfg_, ds_, plan, scorer, start, **kw):
+        if start >= 64:
+            raise RuntimeError("scoring device lost")
+        return real(cfg_, ds_, plan, scorer, start, **kw)
+
+    monkeypatch.setattr(rank, "_score_chunk", flaky)
+    small = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"batch_users": 16})})
+    with pytest.raises(RuntimeError, match="scoring device lost"):
+        score.run(small, DAYS[2], run_id="t-flaky", scenarios=["home", "search"])
+    staged = score.scores_dir(small, DAYS[2], "t-flaky")
+    assert staged.is_dir()
+    assert sorted(p.name for p in staged.iterdir() if not p.name.endswith(".lock")) == []
