@@ -115,11 +115,17 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     people = {scenario: active_users(wh, cfg, ds, scenario) for scenario in todo}
     # behaviour sequences depend on the user only: one pass for the users of every scenario
     sequences = sequence_codes(wh, cfg, [u for p in people.values() for u in p], pd.Timestamp(end_of_day(ds)))
+    log.info("score %s: %d users' behaviour sequences in %.1f s", ds, len(sequences.users),
+             time.perf_counter() - started)
 
     def plan(scenario: str):
+        t = time.perf_counter()
         uni = universe(wh, cfg, ds, scenario)
         n_items[scenario] = len(uni.items)
-        return plan_scenario(cfg, wh, ds, uni, people[scenario], scorer, store=store, sequences=sequences)
+        p = plan_scenario(cfg, wh, ds, uni, people[scenario], scorer, store=store, sequences=sequences)
+        log.info("score %s %s: planned in %.1f s (features of %d users, %d items)", ds, scenario,
+                 time.perf_counter() - t, len(people[scenario]), len(uni.items))
+        return p
 
     def planned():
         """Scenario plans in order; the next one is planned (warehouse, Feast, item side) in a thread while the
