@@ -382,7 +382,7 @@ def _binary_ok(pg: _PG, schema: pa.Schema) -> bool:
     """Binary COPY needs each column's table type to be the one its values encode (an older table may differ:
     then CSV, which the server converts)."""
     have = pg.columns(TABLE)
-    return all(have.get(f.name) == _pg_type(f.type) is not None for f in schema)
+    return all(_pg_type(f.type) is not None and have.get(f.name) == _pg_type(f.type) for f in schema)
 
 
 def _constant_columns(table: pa.Table) -> dict[str, Any]:
