@@ -23,7 +23,7 @@ import torch
 from mtrec import schema as S
 from mtrec.config import MtrecConfig
 from mtrec.data.raw import end_of_day
-from mtrec.features.frame import FeatureTable
+from mtrec.features.frame import FeatureTable, ItemEmbeddings
 from mtrec.features.training_set import SequenceCodes, build_scoring_table
 from mtrec.scoring.candidates import SimilarItems, Universe, candidate_grid, similar_items
 from mtrec.training.encoding import to_device
@@ -149,78 +149,103 @@ def scoring_workers(cfg: MtrecConfig) -> int:
 
 
 @dataclass
-class ScenarioPlan:
-    """Everything a scenario's user chunks share, prepared before (or while another scenario is) scoring."""
+class ItemContext:
+    """What every user of a scenario shares: the universe, its item side and its similar-items table."""
 
     uni: Universe
-    users: list[str]
-    user_rows: FeatureTable  # user-side features of every user, one row per user in `users` order, no sequences
-    sequences: SequenceCodes
     i_side: dict[str, torch.Tensor]
     similar: SimilarItems | None
-    chunk: int
+    embeddings: ItemEmbeddings | None
     weights: dict[str, float]
     item_index: pd.Index
     item_ids: pa.Array
+    chunk: int
+
+
+@dataclass
+class ScenarioPlan:
+    """A segment of a scenario's users ready to rank: their features (one Feast retrieval, joined once, one row
+    per user in `users` order, no sequences) and what the scenario's users share."""
+
+    items: ItemContext
+    users: list[str]
+    user_rows: FeatureTable
+    sequences: SequenceCodes
 
     @property
     def starts(self) -> range:
-        return range(0, len(self.users), self.chunk)
+        return range(0, len(self.users), self.items.chunk)
 
 
-def plan_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, users: list[str], scorer: Scorer, *,
-                  store=None, sequences: SequenceCodes | None = None) -> ScenarioPlan | None:
-    """The item side, the users' features (one Feast retrieval, joined once) and the similar-items table of a
-    scenario; None when there is nothing to rank. `sequences`: the behaviour sequences as of the end of ds,
-    fetched once for the users of every scenario (a user's sequence does not depend on the scenario)."""
-    n_items = len(uni.items)
-    if not users or not n_items:
-        return None
+def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, scorer: Scorer, *,
+                 store=None) -> ItemContext:
+    """The item side (once per (item, scenario)) and the similar-items table of a scenario."""
     from mtrec.features import store as FS
-    from mtrec.features.training_set import load_item_embeddings, retrieve_side, sequence_codes
+    from mtrec.features.training_set import load_item_embeddings
 
     store = store or FS.feature_store(cfg)
     embeddings = load_item_embeddings(cfg, wh)  # once per scenario, shared by every chunk
     item_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
         {"user_id": "", "scenario": uni.scenario, "item_id": uni.items}), sides=("item",), store=store,
         embeddings=embeddings)
+    return ItemContext(uni=uni, i_side=scorer.items(item_table, uni), similar=similar_items(cfg, embeddings, uni.items),
+                       embeddings=embeddings, weights=cfg.fusion_weights(uni.scenario),
+                       item_index=pd.Index(uni.items), item_ids=pa.array(uni.items, type=pa.string()),
+                       chunk=max(16, min(cfg.scoring.batch_users, MASK_CELLS // max(len(uni.items), 1))))
+
+
+def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext, users: list[str], *,
+               store=None, sequences: SequenceCodes | None = None) -> ScenarioPlan:
+    """The user-side features of a segment of a scenario's users (at most `scoring.retrieval_users`: memory does
+    not grow with the number of users). `sequences`: the behaviour sequences as of the end of ds, fetched once
+    for the users of every scenario (a user's sequence does not depend on the scenario)."""
+    from mtrec.features import store as FS
+    from mtrec.features.training_set import retrieve_side, sequence_codes
+
+    store = store or FS.feature_store(cfg)
+    scenario = items.uni.scenario
     user_rows = build_scoring_table(cfg, wh, ds, pd.DataFrame(
-        {"user_id": users, "scenario": uni.scenario, "item_id": ""}), sides=("user",),
-        prefetched={"user": retrieve_side(cfg, ds, "user", users, uni.scenario, store=store)}, store=store,
-        embeddings=embeddings, sequences=False)
+        {"user_id": users, "scenario": scenario, "item_id": ""}), sides=("user",),
+        prefetched={"user": retrieve_side(cfg, ds, "user", users, scenario, store=store)}, store=store,
+        embeddings=items.embeddings, sequences=False)
     if sequences is None:
         sequences = sequence_codes(wh, cfg, users, pd.Timestamp(end_of_day(ds)))
-    return ScenarioPlan(uni=uni, users=users, user_rows=user_rows, sequences=sequences,
-                        i_side=scorer.items(item_table, uni), similar=similar_items(cfg, embeddings, uni.items),
-                        chunk=max(16, min(cfg.scoring.batch_users, MASK_CELLS // max(n_items, 1))),
-                        weights=cfg.fusion_weights(uni.scenario), item_index=pd.Index(uni.items),
-                        item_ids=pa.array(uni.items, type=pa.string()))
+    return ScenarioPlan(items=items, users=users, user_rows=user_rows, sequences=sequences)
+
+
+def segments(cfg: MtrecConfig, users: list[str]) -> list[list[str]]:
+    """A scenario's users in the segments whose features are retrieved at once."""
+    n = cfg.scoring.retrieval_users
+    return [users[i:i + n] for i in range(0, len(users), n)]
 
 
 def _score_chunk(cfg: MtrecConfig, ds: dt.date, plan: ScenarioPlan, scorer: Scorer, start: int, *,
                  run_id: str, created_at: dt.datetime) -> tuple[int, int, pa.Table]:
     """(users, scored pairs, top-K rows) of the chunk of the plan's users that begins at `start`."""
-    ids = plan.users[start:start + plan.chunk]
+    it = plan.items
+    ids = plan.users[start:start + it.chunk]
     seq = plan.sequences.rows(ids)
-    u_side = scorer.users(replace(plan.user_rows, frame=plan.user_rows.frame.iloc[start:start + plan.chunk]
+    u_side = scorer.users(replace(plan.user_rows, frame=plan.user_rows.frame.iloc[start:start + it.chunk]
                                   .reset_index(drop=True), sequences=seq))
-    seen = torch.from_numpy(plan.item_index.get_indexer(pd.Index(seq.ravel())).reshape(seq.shape)) \
+    seen = torch.from_numpy(it.item_index.get_indexer(pd.Index(seq.ravel())).reshape(seq.shape)) \
         if seq.size else torch.full((len(ids), 0), -1, dtype=torch.long)
-    cand, valid = candidate_grid(cfg, plan.uni, seen, plan.similar)
-    top = _score_grid(scorer, u_side, plan.i_side, cand, valid, plan.weights, cfg.scoring.top_k)
-    table = _top_k(cfg, arrow_schema(cfg), ds, plan.uni.scenario, ids, plan.item_ids, *top, version=scorer.version,
+    cand, valid = candidate_grid(cfg, it.uni, seen, it.similar)
+    top = _score_grid(scorer, u_side, it.i_side, cand, valid, it.weights, cfg.scoring.top_k)
+    table = _top_k(cfg, arrow_schema(cfg), ds, it.uni.scenario, ids, it.item_ids, *top, version=scorer.version,
                    run_id=run_id, created_at=created_at)
     return len(ids), int(valid.sum()), table
 
 
-def rank_plans(cfg: MtrecConfig, ds: dt.date, plans: Iterable[tuple[str, ScenarioPlan | None]], scorer: Scorer, *,
-               run_id: str, created_at: dt.datetime, on_chunk=None) -> Iterator[tuple[str, pa.Table | None]]:
-    """Rank the users of each planned scenario; yield (scenario, top-K rows of a chunk) in user order, then
-    (scenario, None) once the scenario is complete. Uses no warehouse connection.
+def rank_plans(cfg: MtrecConfig, ds: dt.date, plans: Iterable[tuple[str, ScenarioPlan | None, bool]],
+               scorer: Scorer, *, run_id: str, created_at: dt.datetime,
+               on_chunk=None) -> Iterator[tuple[str, pa.Table | None]]:
+    """Rank the users of each plan (scenario, plan of a segment of its users or None, last segment of the
+    scenario?); yield (scenario, top-K rows of a chunk) in user order, then (scenario, None) once the scenario is
+    complete. Uses no warehouse connection.
 
     Chunks are scored side by side by `scoring.workers` threads (torch, numpy and Arrow release the GIL in their
-    kernels), across scenario boundaries: the next scenario's first chunks start while the last ones of the
-    previous are still running. At most workers + 1 chunks are in memory."""
+    kernels), across segment and scenario boundaries: the next plan's first chunks start while the last ones of
+    the previous are still running. At most workers + 1 chunks are in memory."""
     workers = scoring_workers(cfg)
     pending: deque = deque()  # (scenario, future of a chunk | None = end of the scenario), in output order
 
@@ -237,12 +262,13 @@ def rank_plans(cfg: MtrecConfig, ds: dt.date, plans: Iterable[tuple[str, Scenari
             yield scenario, table
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mtrec-score") as pool:
-        for scenario, plan in plans:
+        for scenario, plan, last in plans:
             for start in plan.starts if plan is not None else ():
                 pending.append((scenario, pool.submit(_score_chunk, cfg, ds, plan, scorer, start, run_id=run_id,
                                                       created_at=created_at)))
                 yield from ready(False)
-            pending.append((scenario, None))
+            if last:
+                pending.append((scenario, None))
             yield from ready(False)
         yield from ready(True)
 
@@ -250,9 +276,15 @@ def rank_plans(cfg: MtrecConfig, ds: dt.date, plans: Iterable[tuple[str, Scenari
 def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, users: list[str],
                   scorer: Scorer, *, run_id: str, created_at: dt.datetime, store=None,
                   sequences: SequenceCodes | None = None) -> Iterator[pa.Table]:
-    """`plan_scenario` then `rank_plans`: the top-K rows of every user of one scenario, chunk by chunk."""
-    plan = plan_scenario(cfg, wh, ds, uni, users, scorer, store=store, sequences=sequences)
-    for _, table in rank_plans(cfg, ds, [(uni.scenario, plan)], scorer, run_id=run_id, created_at=created_at):
+    """The top-K rows of every user of one scenario, chunk by chunk (`item_context`, `plan_users` per segment,
+    `rank_plans`, all in this thread)."""
+    if not users or not uni.items:
+        return
+    items = item_context(cfg, wh, ds, uni, scorer, store=store)
+    parts = segments(cfg, users)
+    plans = ((uni.scenario, plan_users(cfg, wh, ds, items, part, store=store, sequences=sequences),
+              i == len(parts) - 1) for i, part in enumerate(parts))
+    for _, table in rank_plans(cfg, ds, plans, scorer, run_id=run_id, created_at=created_at):
         if table is not None:
             yield table
 

@@ -91,7 +91,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     from mtrec.features import store as FS
     from mtrec.features.training_set import sequence_codes
     from mtrec.scoring.candidates import active_users, universe
-    from mtrec.scoring.rank import arrow_schema, plan_scenario, rank_plans
+    from mtrec.scoring.rank import ItemContext, arrow_schema, item_context, plan_users, rank_plans, segments
 
     torch.set_num_threads(cfg.training.num_threads or 1)
     mv, label = resolve_model(cfg, wh, ds, model)
@@ -118,25 +118,34 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     log.info("score %s: %d users' behaviour sequences in %.1f s", ds, len(sequences.users),
              time.perf_counter() - started)
 
-    def plan(scenario: str):
+    # (scenario, its users' segment, last segment?) in order; a scenario without users or items still gets an
+    # (empty) staged file
+    tasks = [(scenario, part, i == len(parts) - 1) for scenario in todo
+             for parts in [segments(cfg, people[scenario]) or [[]]] for i, part in enumerate(parts)]
+    contexts: dict[str, ItemContext] = {}
+
+    def plan(scenario: str, part: list[str], last: bool):
         t = time.perf_counter()
-        uni = universe(wh, cfg, ds, scenario)
-        n_items[scenario] = len(uni.items)
-        p = plan_scenario(cfg, wh, ds, uni, people[scenario], scorer, store=store, sequences=sequences)
-        log.info("score %s %s: planned in %.1f s (features of %d users, %d items)", ds, scenario,
-                 time.perf_counter() - t, len(people[scenario]), len(uni.items))
-        return p
+        if scenario not in contexts:  # the item side once per scenario (tasks run in order, in one thread)
+            contexts.clear()
+            uni = universe(wh, cfg, ds, scenario)
+            n_items[scenario] = len(uni.items)
+            contexts[scenario] = item_context(cfg, wh, ds, uni, scorer, store=store) if uni.items else None
+        items = contexts[scenario]
+        p = plan_users(cfg, wh, ds, items, part, store=store, sequences=sequences) if items and part else None
+        log.info("score %s %s: %d users planned in %.1f s", ds, scenario, len(part), time.perf_counter() - t)
+        return scenario, p, last
 
     def planned():
-        """Scenario plans in order; the next one is planned (warehouse, Feast, item side) in a thread while the
-        current one is ranked (ranking uses no warehouse connection)."""
+        """Plans in order; the next one is planned (warehouse, Feast, item side) in a thread while the current
+        one is ranked (ranking uses no warehouse connection)."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrec-score-plan") as planner:
-            upcoming = planner.submit(plan, todo[0]) if todo else None
-            for i, scenario in enumerate(todo):
+            upcoming = planner.submit(plan, *tasks[0]) if tasks else None
+            for i in range(len(tasks)):
                 current = upcoming.result()
-                if i + 1 < len(todo):
-                    upcoming = planner.submit(plan, todo[i + 1])
-                yield scenario, current
+                if i + 1 < len(tasks):
+                    upcoming = planner.submit(plan, *tasks[i + 1])
+                yield current
 
     n_items: dict[str, int] = {}
     users = {scenario: len(people[scenario]) for scenario in todo}

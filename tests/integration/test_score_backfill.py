@@ -95,16 +95,16 @@ def test_score_lists_are_complete_ranked_and_exclude_seen_items(world):
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_chunking_does_not_change_the_lists(world, workers):
-    """Memory is bounded by the user chunk and chunks are scored side by side; the result (rows and their order)
-    must depend on neither."""
+    """Memory is bounded by the user chunk and the feature segment, and chunks are scored side by side; the
+    result (rows and their order) must depend on none of them."""
     from mtrec.steps import score
 
     cfg, _ = world
     ds = DAYS[1]
     big_cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"workers": 1})})
     big = score.run(big_cfg, ds, run_id="t-big", scenarios=["home"])
-    small_cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"batch_users": 16,
-                                                                                 "workers": workers})})
+    small_cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={
+        "batch_users": 16, "workers": workers, "retrieval_users": 40})})  # features fetched 40 users at a time
     small = score.run(small_cfg, ds, run_id=f"t-small-{workers}", scenarios=["home"])
     a = pd.read_parquet(f"{big.scores_dir}/home.parquet")
     b = pd.read_parquet(f"{small.scores_dir}/home.parquet")
