@@ -98,7 +98,9 @@ def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue) -> N
     seen = torch.from_numpy(pd.Index(uni.items).get_indexer(pd.Index(table.sequences.ravel()))
                             .reshape(table.sequences.shape))
     cand, valid = candidate_grid(cfg, uni, seen, similar_items(cfg, emb, uni.items))
-    blocks = [(rows, cand[rows, :w], int(valid[rows, :w].sum())) for rows, w in pair_blocks(valid)]
+    order, cut = pair_blocks(valid)
+    cand, valid = cand[order], valid[order]
+    blocks = [(rows, cand[rows, :w], int(valid[rows, :w].sum())) for rows, w in cut]
     model = scorer.art.model.eval()
 
     def run(target: int) -> int:  # one lane: the user side, then the pairs, until `target` pairs
@@ -106,6 +108,7 @@ def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue) -> N
         with torch.no_grad():
             while done < target:
                 u = {**model.user_side(batch, text), "_scenario": batch["scenario"]}
+                u = {key: v[order] for key, v in u.items()}  # users in block order, as the stage does
                 for rows, c, n in blocks:
                     scorer.grid(u, i, rows, c)
                     done += n

@@ -23,7 +23,7 @@ import torch
 from mtrec import schema as S
 from mtrec.config import MtrecConfig
 from mtrec.data.raw import end_of_day
-from mtrec.features.frame import FeatureTable, ItemEmbeddings
+from mtrec.features.frame import ItemEmbeddings
 from mtrec.features.training_set import SequenceCodes, build_scoring_table
 from mtrec.scoring.candidates import SimilarItems, Universe, candidate_grid, similar_items
 from mtrec.training.encoding import to_device
@@ -41,8 +41,16 @@ class Scorer:
     version: str
     tasks: list[str]
 
-    def users(self, table) -> dict[str, torch.Tensor]:
+    def encode(self, table) -> dict[str, torch.Tensor]:
+        """Input tensors of the users of a feature table (CPU), sliced per chunk by `user_side`."""
         raise NotImplementedError
+
+    def user_side(self, batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+        """The user side of batch[rows], once per (user, scenario)."""
+        raise NotImplementedError
+
+    def users(self, table) -> dict[str, torch.Tensor]:
+        return self.user_side(self.encode(table), slice(None))
 
     def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -70,22 +78,22 @@ class ModelScorer(Scorer):
         self.tasks = artifact.tasks
         self._text: torch.Tensor | None = None
 
-    def _encode(self, table) -> dict[str, torch.Tensor]:
+    def encode(self, table) -> dict[str, torch.Tensor]:
         tensors, text = self.art.encoder.transform(table, labels=False)
         if self._text is None or self._text.shape != text.shape:  # the same title matrix for every chunk
             self._text = text.to(self.device)
-        return to_device(tensors, self.device)
+        return tensors
 
     @torch.no_grad()
-    def users(self, table) -> dict[str, torch.Tensor]:
+    def user_side(self, batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
         self.art.model.eval()
-        b = self._encode(table)
+        b = to_device({k: v[rows] for k, v in batch.items()}, self.device)
         return {**self.art.model.user_side(b, self._text), "_scenario": b["scenario"]}
 
     @torch.no_grad()
     def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
         self.art.model.eval()
-        b = self._encode(table)
+        b = to_device(self.encode(table), self.device)
         return self.art.model.item_side(b, self._text)
 
     @torch.no_grad()
@@ -104,7 +112,10 @@ class PopularityScorer(Scorer):
     def __init__(self, tasks: list[str]) -> None:
         self.tasks = tasks
 
-    def users(self, table) -> dict[str, torch.Tensor]:
+    def encode(self, table) -> dict[str, torch.Tensor]:
+        return {}
+
+    def user_side(self, batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
         return {}
 
     def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
@@ -164,13 +175,14 @@ class ItemContext:
 
 @dataclass
 class ScenarioPlan:
-    """A segment of a scenario's users ready to rank: their features (one Feast retrieval, joined once, one row
-    per user in `users` order, no sequences) and what the scenario's users share."""
+    """A segment of a scenario's users ready to rank: their input tensors (features from one Feast retrieval,
+    joined once, and behaviour sequences; one row per user in `users` order), the universe index of each item
+    of their sequences (-1: none), and what the scenario's users share."""
 
     items: ItemContext
     users: list[str]
-    user_rows: FeatureTable
-    sequences: SequenceCodes
+    batch: dict[str, torch.Tensor]
+    seen: torch.Tensor  # [n_users, sequence length]
 
     @property
     def starts(self) -> range:
@@ -194,8 +206,8 @@ def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, sc
                        chunk=max(16, min(cfg.scoring.batch_users, MASK_CELLS // max(len(uni.items), 1))))
 
 
-def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext, users: list[str], *,
-               store=None, sequences: SequenceCodes | None = None) -> ScenarioPlan:
+def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext, users: list[str], scorer: Scorer,
+               *, store=None, sequences: SequenceCodes | None = None) -> ScenarioPlan:
     """The user-side features of a segment of a scenario's users (at most `scoring.retrieval_users`: memory does
     not grow with the number of users). `sequences`: the behaviour sequences as of the end of ds, fetched once
     for the users of every scenario (a user's sequence does not depend on the scenario)."""
@@ -210,7 +222,10 @@ def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext,
         embeddings=items.embeddings, sequences=False)
     if sequences is None:
         sequences = sequence_codes(wh, cfg, users, pd.Timestamp(end_of_day(ds)))
-    return ScenarioPlan(items=items, users=users, user_rows=user_rows, sequences=sequences)
+    seq = sequences.rows(users)
+    seen = torch.from_numpy(items.item_index.get_indexer(pd.Index(seq.ravel())).reshape(seq.shape)) \
+        if seq.size else torch.full((len(users), 0), -1, dtype=torch.long)
+    return ScenarioPlan(items=items, users=users, batch=scorer.encode(replace(user_rows, sequences=seq)), seen=seen)
 
 
 def segments(cfg: MtrecConfig, users: list[str]) -> list[list[str]]:
@@ -223,12 +238,10 @@ def _score_chunk(cfg: MtrecConfig, ds: dt.date, plan: ScenarioPlan, scorer: Scor
                  run_id: str, created_at: dt.datetime) -> tuple[int, int, pa.Table]:
     """(users, scored pairs, top-K rows) of the chunk of the plan's users that begins at `start`."""
     it = plan.items
-    ids = plan.users[start:start + it.chunk]
-    seq = plan.sequences.rows(ids)
-    u_side = scorer.users(replace(plan.user_rows, frame=plan.user_rows.frame.iloc[start:start + it.chunk]
-                                  .reset_index(drop=True), sequences=seq))
-    seen = torch.from_numpy(it.item_index.get_indexer(pd.Index(seq.ravel())).reshape(seq.shape)) \
-        if seq.size else torch.full((len(ids), 0), -1, dtype=torch.long)
+    rows = slice(start, start + it.chunk)
+    ids = plan.users[rows]
+    u_side = scorer.user_side(plan.batch, rows)
+    seen = plan.seen[rows]
     cand, valid = candidate_grid(cfg, it.uni, seen, it.similar)
     top = _score_grid(scorer, u_side, it.i_side, cand, valid, it.weights, cfg.scoring.top_k)
     table = _top_k(cfg, arrow_schema(cfg), ds, it.uni.scenario, ids, it.item_ids, *top, version=scorer.version,
@@ -282,25 +295,27 @@ def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, u
         return
     items = item_context(cfg, wh, ds, uni, scorer, store=store)
     parts = segments(cfg, users)
-    plans = ((uni.scenario, plan_users(cfg, wh, ds, items, part, store=store, sequences=sequences),
+    plans = ((uni.scenario, plan_users(cfg, wh, ds, items, part, scorer, store=store, sequences=sequences),
               i == len(parts) - 1) for i, part in enumerate(parts))
     for _, table in rank_plans(cfg, ds, plans, scorer, run_id=run_id, created_at=created_at):
         if table is not None:
             yield table
 
 
-def pair_blocks(valid: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
-    """(user rows, width) blocks of about PAIR_CHUNK pairs (small enough for the expert activations to stay in
-    cache), users taken in order of their candidate count so that a block is only as wide as its own longest
-    list: padding costs next to nothing even when the lists differ in length."""
+def pair_blocks(valid: torch.Tensor) -> tuple[torch.Tensor, list[tuple[slice, int]]]:
+    """Users in order of their candidate count (`order`), cut into blocks of about PAIR_CHUNK pairs (small enough
+    for the expert activations to stay in cache): (order, [(rows of the ordered users, width)]). A block is only
+    as wide as its own longest list, so padding costs next to nothing even when the lists differ in length."""
     counts = valid.sum(1)
     order = torch.argsort(counts, descending=True, stable=True)
-    r = 0
-    while r < len(order):
-        w = max(int(counts[order[r]]), 1)
-        rows = order[r:r + max(1, PAIR_CHUNK // w)]
-        r += len(rows)
-        yield rows, w
+    ordered = counts[order].tolist()
+    blocks, r = [], 0
+    while r < len(ordered):
+        w = max(ordered[r], 1)
+        n = max(1, PAIR_CHUNK // w)
+        blocks.append((slice(r, min(r + n, len(ordered))), w))
+        r += n
+    return order, blocks
 
 
 def _score_grid(scorer: Scorer, u_side: dict, i_side: dict, cand: torch.Tensor, valid: torch.Tensor,
@@ -309,20 +324,24 @@ def _score_grid(scorer: Scorer, u_side: dict, i_side: dict, cand: torch.Tensor, 
     is final): (scores [U, k] (-inf past the user's candidates), universe indices [U, k], {task: probabilities
     [U, k]})."""
     n_users = cand.shape[0]
+    order, blocks = pair_blocks(valid)
+    u_side = {key: v[order.to(v.device)] for key, v in u_side.items()}  # ordered once: blocks are slices
+    cand, valid = cand[order], valid[order]
     top_s = torch.full((n_users, k), float("-inf"))
     top_i = torch.zeros((n_users, k), dtype=torch.long)
     top_p = {t: torch.zeros((n_users, k)) for t in scorer.tasks}
-    for rows, w in pair_blocks(valid):
+    for rows, w in blocks:
         c = cand[rows, :w]
         p = scorer.grid(u_side, i_side, rows, c)
-        fused = torch.where(valid[rows, :w], _fuse(p, weights).cpu(), float("-inf"))
         kk = min(k, w)
-        s, j = torch.topk(fused, kk, dim=1)
+        s, j = torch.topk(torch.where(valid[rows, :w], _fuse(p, weights).cpu(), float("-inf")), kk, dim=1)
         top_s[rows, :kk] = s
         top_i[rows, :kk] = c.gather(1, j)
         for t in scorer.tasks:
             top_p[t][rows, :kk] = p[t].float().cpu().gather(1, j)
-    return top_s, top_i, top_p
+    back = torch.empty_like(order)
+    back[order] = torch.arange(n_users)
+    return top_s[back], top_i[back], {t: v[back] for t, v in top_p.items()}
 
 
 def _top_k(cfg: MtrecConfig, schema: pa.Schema, ds: dt.date, scenario: str, ids: list[str], item_ids: pa.Array,
