@@ -2,11 +2,11 @@
 
 Each measurement runs in a fresh process (its own peak RSS). Per backend: the first publish (the partitions are
 new), a republish of the same run (every partition replaced), the backend's generic replace_partition on the same
-rows (pandas, for comparison) and pandas.DataFrame.to_sql with default settings (the baseline; on DuckDB, which
-has no SQLAlchemy driver here, to_sql into an embedded SQLite file). PostgreSQL runs when --postgres-url or
-MTREC_TEST_POSTGRES_URL is given (a scratch schema, dropped afterwards). The PostgreSQL baseline runs first, into
-daily_recommendations as ensure_contract_tables creates it (one plain table with the primary key); the first
-publish then includes converting it (still empty) to one partition per (ds, scenario).
+rows (pandas, for comparison) and pandas.DataFrame.to_sql with default settings (the baseline; on DuckDB through
+the duckdb-engine SQLAlchemy driver). PostgreSQL runs when --postgres-url or MTREC_TEST_POSTGRES_URL is given (a
+scratch schema, dropped afterwards). The baseline runs first, into daily_recommendations as
+ensure_contract_tables creates it (on PostgreSQL one plain table with the primary key; the first publish then
+includes converting it, still empty, to one partition per (ds, scenario)).
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ def _worker(kind: str, home: str, url: str, rows_limit: int, queue) -> None:
         df.to_sql(table, con, schema=schema, if_exists="append", index=False)
         seconds = time.perf_counter() - t
         rows = len(df)
+        con.dispose()
         if not url.startswith("sqlite"):
             wh = open_warehouse(cfg)
             wh.execute("DELETE FROM daily_recommendations")  # the publish runs start from an empty table
@@ -201,8 +202,8 @@ def main() -> None:
         rows = stage(home, args.scenarios.split(","), args.users, args.k)
         emit(BENCH, "staged_rows", rows, "rows", "none", None)
         if not args.skip_duckdb:
-            run_backend("duckdb", home, f"duckdb:///{root / 'wh.duckdb'}", f"sqlite:///{root / 'baseline.sqlite'}",
-                        args.baseline_rows, not args.no_compare)
+            url = f"duckdb:///{root / 'wh.duckdb'}"
+            run_backend("duckdb", home, url, url, args.baseline_rows, not args.no_compare)
         if args.postgres_url:
             import sqlalchemy as sa
 
