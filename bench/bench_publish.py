@@ -134,7 +134,7 @@ def _worker(kind: str, home: str, url: str, rows_limit: int, queue) -> None:
         else:
             from mtrec.warehouse.sql_backend import _split_schema
 
-            sa_url, schema = _split_schema(url)
+            sa_url, schema = (url, None) if url.startswith("duckdb") else _split_schema(url)
             con = sa.create_engine(sa_url)
             wh = open_warehouse(cfg)
             ensure_contract_tables(wh, cfg)  # into the contract table (same primary key), partition cleared
@@ -155,13 +155,24 @@ def _worker(kind: str, home: str, url: str, rows_limit: int, queue) -> None:
     queue.put((rows, seconds, _peak_mb()))
 
 
+def _guarded(kind: str, home: str, url: str, rows_limit: int, queue) -> None:
+    try:
+        _worker(kind, home, url, rows_limit, queue)
+    except BaseException:  # noqa: BLE001 - report the child's failure instead of leaving the parent waiting
+        import traceback
+
+        queue.put(traceback.format_exc())
+
+
 def measure(kind: str, home: str, url: str, rows_limit: int = 0) -> tuple[int, float, float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(kind, home, url, rows_limit, queue))
+    proc = ctx.Process(target=_guarded, args=(kind, home, url, rows_limit, queue))
     proc.start()
     result = queue.get(timeout=1800)
     proc.join()
+    if isinstance(result, str):
+        raise RuntimeError(f"{kind} on {url.split(':')[0]} failed:\n{result}")
     return result
 
 
