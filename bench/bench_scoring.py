@@ -1,12 +1,15 @@
 """Batch scoring throughput and memory.
 
-Prints JSON lines: scored (user, item) pairs per second of the full score stage (candidates, features through
-Feast, user/item sides, pairs, top-K, Parquet) against the same model's pair forward alone on pre-built tensors
-(the full path should reach 80% of it; target 500k pairs/s on 2 CPU cores), and the peak RSS of scoring N and
-2N users (target under 3 GB for 200k users, and flat as the user count doubles).
+Prints JSON lines: scored (user, item) pairs per second of the full score stage (features through Feast,
+behaviour sequences, encoding, candidates, user/item sides, pairs, top-K, Parquet; library imports timed apart)
+against the same model's forward alone on pre-built tensors (the user side, then the pairs on the stage's own
+candidate grid), on 1 thread, on 2 cores as 2 torch threads and on 2 cores as 2 lanes of 1 thread (how the stage
+runs it); the full path is compared with the best of them (target 0.8; target 500k pairs/s on 2 CPU cores). Also
+the peak RSS of scoring N and 2N users (target under 3 GB for 200k users, and flat as the user count doubles).
 
-    python bench/bench_scoring.py --users 20000 40000      # quick
-    python bench/bench_scoring.py --users 100000 200000    # the issue's memory target (slow to generate)
+    python bench/bench_scoring.py --users 20000 40000                          # quick
+    python bench/bench_scoring.py --users 100000 200000 --keep /tmp/homes      # the issue's sizes (slow to generate)
+    python bench/bench_scoring.py --users 200000 --home /tmp/homes/home-200000 # re-measure a kept home
 """
 
 from __future__ import annotations
