@@ -1,7 +1,8 @@
-"""Batched top-K ranking of one scenario: item side once, user side once per (user, scenario), pairs in chunks.
+"""Batched top-K ranking: item side once per (item, scenario), user side once per (user, scenario), pairs in blocks.
 
-Memory is bounded by the user chunk (`scoring.batch_users`, shrunk when the item universe is large) and the
-pair chunk, never by the number of users: rows are streamed to a Parquet file as chunks finish.
+Memory is bounded by the feature segment (`scoring.retrieval_users`), the user chunk (`scoring.batch_users`, times
+`scoring.workers` in flight) and the pair block, never by the number of users: rows are streamed to Parquet as
+chunks finish.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from mtrec.warehouse import Warehouse
 log = logging.getLogger(__name__)
 
 PAIR_CHUNK = 2_048
-MASK_CELLS = 20_000_000  # user chunk x universe cells kept in memory at once
 
 
 class Scorer:
@@ -48,9 +48,6 @@ class Scorer:
     def user_side(self, batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
         """The user side of batch[rows], once per (user, scenario)."""
         raise NotImplementedError
-
-    def users(self, table) -> dict[str, torch.Tensor]:
-        return self.user_side(self.encode(table), slice(None))
 
     def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -203,7 +200,7 @@ def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, sc
     return ItemContext(uni=uni, i_side=scorer.items(item_table, uni), similar=similar_items(cfg, embeddings, uni.items),
                        embeddings=embeddings, weights=cfg.fusion_weights(uni.scenario),
                        item_index=pd.Index(uni.items), item_ids=pa.array(uni.items, type=pa.string()),
-                       chunk=max(16, min(cfg.scoring.batch_users, MASK_CELLS // max(len(uni.items), 1))))
+                       chunk=cfg.scoring.batch_users)
 
 
 def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext, users: list[str], scorer: Scorer,
@@ -284,22 +281,6 @@ def rank_plans(cfg: MtrecConfig, ds: dt.date, plans: Iterable[tuple[str, Scenari
                 pending.append((scenario, None))
             yield from ready(False)
         yield from ready(True)
-
-
-def rank_scenario(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, users: list[str],
-                  scorer: Scorer, *, run_id: str, created_at: dt.datetime, store=None,
-                  sequences: SequenceCodes | None = None) -> Iterator[pa.Table]:
-    """The top-K rows of every user of one scenario, chunk by chunk (`item_context`, `plan_users` per segment,
-    `rank_plans`, all in this thread)."""
-    if not users or not uni.items:
-        return
-    items = item_context(cfg, wh, ds, uni, scorer, store=store)
-    parts = segments(cfg, users)
-    plans = ((uni.scenario, plan_users(cfg, wh, ds, items, part, scorer, store=store, sequences=sequences),
-              i == len(parts) - 1) for i, part in enumerate(parts))
-    for _, table in rank_plans(cfg, ds, plans, scorer, run_id=run_id, created_at=created_at):
-        if table is not None:
-            yield table
 
 
 def pair_blocks(valid: torch.Tensor) -> tuple[torch.Tensor, list[tuple[slice, int]]]:
