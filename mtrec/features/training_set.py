@@ -155,7 +155,7 @@ def _assemble(cfg: MtrecConfig, wh: Warehouse, rows: pd.DataFrame, *, sides: tup
     `sides` limits retrieval to one side (scoring builds user rows and item rows separately); `prefetched`
     holds a side's retrieval result already fetched for a superset of the keys (one Feast call per scenario
     instead of one per user chunk). Behaviour sequences are built when the user side is requested, unless
-    `sequences` is off (scoring builds them per user chunk)."""
+    `sequences` is off (scoring fetches them once per stage with `sequence_codes`)."""
     store = store or FS.feature_store(cfg)
     attrs = FS.attributes(cfg, wh).prefixed()
     rows = rows.reset_index(drop=True)

@@ -112,12 +112,10 @@ class SimilarItems:
     """
 
     def __init__(self, vectors: torch.Tensor, has_vector: torch.Tensor, k: int) -> None:
-        n = len(has_vector)
-        self.n, self.has_vector = n, has_vector
+        self.has_vector = has_vector
         self.k = min(k, int(has_vector.sum()))
-        v = vectors * has_vector.unsqueeze(1)
-        self.vectors = torch.cat([v, torch.zeros(1, v.shape[1])])  # last row: padding
-        self.table = torch.cat([v @ v.T, torch.zeros(1, n)]) if n <= SIMILARITY_TABLE_ITEMS else None
+        self.vectors = vectors * has_vector.unsqueeze(1)
+        self.table = self.vectors @ self.vectors.T if len(has_vector) <= SIMILARITY_TABLE_ITEMS else None
 
     def top(self, seen: torch.Tensor) -> torch.Tensor:
         """seen [U, L] universe indices (-1: none) -> [U, k] nearest items, -1 for users without a profile."""
@@ -134,16 +132,16 @@ class SimilarItems:
             if self.table is not None:
                 sims = torch.nn.functional.embedding_bag(flat, self.table, offsets, mode="sum")
             else:
-                sims = torch.nn.functional.embedding_bag(flat, self.vectors, offsets, mode="sum") @ self.vectors[:-1].T
+                sims = torch.nn.functional.embedding_bag(flat, self.vectors, offsets, mode="sum") @ self.vectors.T
             sims[:, ~self.has_vector] = float("-inf")
             top[rows] = _top_indices(sims, self.k)
         return top
 
 
 def _top_indices(x: torch.Tensor, k: int, block: int = 8) -> torch.Tensor:
-    """Indices of the k largest values of each row (as torch.topk, about twice as fast on wide rows): the row's
-    top k lie in the k blocks of `block` columns with the largest maxima, so only those k * block values are
-    ranked."""
+    """Indices of the k largest values of each row (as torch.topk, faster on wide rows: about 1.3x on 2000
+    columns here): the row's top k lie in the k blocks of `block` columns with the largest maxima, so only those
+    k * block values are ranked."""
     n_rows, n = x.shape
     n_blocks = -(-n // block)
     if n_blocks <= 2 * k:

@@ -23,7 +23,6 @@ import torch
 
 from mtrec import schema as S
 from mtrec.config import MtrecConfig
-from mtrec.data.raw import end_of_day
 from mtrec.features.frame import ItemEmbeddings
 from mtrec.features.training_set import SequenceCodes, build_scoring_table
 from mtrec.scoring.candidates import SimilarItems, Universe, candidate_grid, similar_items
@@ -204,12 +203,12 @@ def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, sc
 
 
 def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext, users: list[str], scorer: Scorer,
-               *, store=None, sequences: SequenceCodes | None = None) -> ScenarioPlan:
+               sequences: SequenceCodes, *, store=None) -> ScenarioPlan:
     """The user-side features of a segment of a scenario's users (at most `scoring.retrieval_users`: memory does
     not grow with the number of users). `sequences`: the behaviour sequences as of the end of ds, fetched once
     for the users of every scenario (a user's sequence does not depend on the scenario)."""
     from mtrec.features import store as FS
-    from mtrec.features.training_set import retrieve_side, sequence_codes
+    from mtrec.features.training_set import retrieve_side
 
     store = store or FS.feature_store(cfg)
     scenario = items.uni.scenario
@@ -217,8 +216,6 @@ def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext,
         {"user_id": users, "scenario": scenario, "item_id": ""}), sides=("user",),
         prefetched={"user": retrieve_side(cfg, ds, "user", users, scenario, store=store)}, store=store,
         embeddings=items.embeddings, sequences=False)
-    if sequences is None:
-        sequences = sequence_codes(wh, cfg, users, pd.Timestamp(end_of_day(ds)))
     seq = sequences.rows(users)
     seen = torch.from_numpy(items.item_index.get_indexer(pd.Index(seq.ravel())).reshape(seq.shape)) \
         if seq.size else torch.full((len(users), 0), -1, dtype=torch.long)

@@ -132,7 +132,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
             n_items[scenario] = len(uni.items)
             contexts[scenario] = item_context(cfg, wh, ds, uni, scorer, store=store) if uni.items else None
         items = contexts[scenario]
-        p = plan_users(cfg, wh, ds, items, part, scorer, store=store, sequences=sequences) if items and part else None
+        p = plan_users(cfg, wh, ds, items, part, scorer, sequences, store=store) if items and part else None
         log.info("score %s %s: %d users planned in %.1f s", ds, scenario, len(part), time.perf_counter() - t)
         return scenario, p, last
 
