@@ -30,6 +30,30 @@ class ItemEmbeddings:
 
 
 @dataclass
+class CodedSequences:
+    """Behaviour sequences as codes into a small vocabulary (many users share few items): `codes` [N, L] int
+    (-1 pads) and `items`, the item id of each code followed by "" (so `items[codes]` decodes, pads included)."""
+
+    codes: np.ndarray
+    items: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.codes.ndim
+
+    def __getitem__(self, rows) -> CodedSequences:
+        return CodedSequences(self.codes[rows], self.items)
+
+    def decode(self) -> np.ndarray:
+        """The object array of item ids ("" pads) that `FeatureTable.sequences` holds otherwise."""
+        return self.items[self.codes]
+
+
+@dataclass
 class FeatureTable:
     """Impressions (training, holdout) or (user, scenario, item) pairs (scoring) with their features.
 
@@ -46,8 +70,9 @@ class FeatureTable:
     user_numeric: list[str] = field(default_factory=list)
     item_categorical: list[str] = field(default_factory=list)
     item_numeric: list[str] = field(default_factory=list)
-    # [N, L] object array of item ids the user engaged with before feature_time, most recent first; "" pads.
-    sequences: np.ndarray | None = None
+    # [N, L] object array of item ids the user engaged with before feature_time, most recent first; "" pads
+    # (or the same as codes, scoring's compact form)
+    sequences: np.ndarray | CodedSequences | None = None
     item_embeddings: ItemEmbeddings | None = None
     feature_service: str = "mtrec_ranker_v1"
 

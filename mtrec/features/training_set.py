@@ -21,7 +21,7 @@ from mtrec import schema as S
 from mtrec.config import MtrecConfig
 from mtrec.data.raw import end_of_day
 from mtrec.features import store as FS
-from mtrec.features.frame import FeatureTable, ItemEmbeddings
+from mtrec.features.frame import CodedSequences, FeatureTable, ItemEmbeddings
 from mtrec.warehouse import Warehouse, q
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,11 @@ class SequenceCodes:
     codes: np.ndarray  # int32 [n_users, N]
     items: np.ndarray  # object [n_codes + 1]: the item id of each code, then "" (padding)
 
-    def rows(self, user_ids: list[str]) -> np.ndarray:
-        """Object array [len(user_ids), N] of item ids as `sequences_for` returns it; unknown users: padding."""
+    def rows(self, user_ids: list[str]) -> CodedSequences:
+        """The sequences of `user_ids` in that order (`.decode()`: the object array `sequences_for` returns);
+        unknown users: padding."""
         pos = self.users.get_indexer(pd.Index(user_ids))
-        codes = np.where(pos[:, None] >= 0, self.codes[np.maximum(pos, 0)], -1)
-        return self.items[np.where(codes >= 0, codes, len(self.items) - 1)]
+        return CodedSequences(np.where(pos[:, None] >= 0, self.codes[np.maximum(pos, 0)], -1), self.items)
 
 
 def sequence_codes(wh: Warehouse, cfg: MtrecConfig, user_ids: list[str], cutoff: pd.Timestamp,

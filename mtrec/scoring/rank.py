@@ -216,9 +216,9 @@ def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext,
         {"user_id": users, "scenario": scenario, "item_id": ""}), sides=("user",),
         prefetched={"user": retrieve_side(cfg, ds, "user", users, scenario, store=store)}, store=store,
         embeddings=items.embeddings, sequences=False)
-    seq = sequences.rows(users)
-    seen = torch.from_numpy(items.item_index.get_indexer(pd.Index(seq.ravel())).reshape(seq.shape)) \
-        if seq.size else torch.full((len(users), 0), -1, dtype=torch.long)
+    seq = sequences.rows(users)  # codes: each distinct item is looked up once, not once per position
+    seen = torch.from_numpy(items.item_index.get_indexer(pd.Index(seq.items))[seq.codes].astype(np.int64)) \
+        if seq.codes.size else torch.full((len(users), 0), -1, dtype=torch.long)
     return ScenarioPlan(items=items, users=users, batch=scorer.encode(replace(user_rows, sequences=seq)), seen=seen)
 
 
@@ -298,25 +298,32 @@ def pair_blocks(valid: torch.Tensor) -> tuple[torch.Tensor, list[tuple[slice, in
 
 def _score_grid(scorer: Scorer, u_side: dict, i_side: dict, cand: torch.Tensor, valid: torch.Tensor,
                 weights: dict[str, float], k: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Each user's top k candidates by fused score, block by block (a block holds whole users, so its own top-k
-    is final): (scores [U, k] (-inf past the user's candidates), universe indices [U, k], {task: probabilities
-    [U, k]})."""
-    n_users = cand.shape[0]
+    """Each user's top k candidates by fused score: (scores [U, k] (-inf past the user's candidates), universe
+    indices [U, k], {task: probabilities [U, k]}). The pairs are scored block by block into one grid of
+    probabilities per task (on the scorer's device), then fused and ranked for the whole chunk at once."""
+    n_users, width = cand.shape
     order, blocks = pair_blocks(valid)
     u_side = {key: v[order.to(v.device)] for key, v in u_side.items()}  # ordered once: blocks are slices
     cand, valid = cand[order], valid[order]
+    probs: dict[str, torch.Tensor] = {}
+    for rows, w in blocks:
+        p = scorer.grid(u_side, i_side, rows, cand[rows, :w])
+        for t in scorer.tasks:
+            if t not in probs:  # past a block's width the grid is never written: those pairs are not valid
+                probs[t] = torch.empty((n_users, width), device=p[t].device)
+            probs[t][rows, :w] = p[t]
+    kk = min(k, width)
     top_s = torch.full((n_users, k), float("-inf"))
     top_i = torch.zeros((n_users, k), dtype=torch.long)
     top_p = {t: torch.zeros((n_users, k)) for t in scorer.tasks}
-    for rows, w in blocks:
-        c = cand[rows, :w]
-        p = scorer.grid(u_side, i_side, rows, c)
-        kk = min(k, w)
-        s, j = torch.topk(torch.where(valid[rows, :w], _fuse(p, weights).cpu(), float("-inf")), kk, dim=1)
-        top_s[rows, :kk] = s
-        top_i[rows, :kk] = c.gather(1, j)
+    if probs:
+        device = next(iter(probs.values())).device
+        fused = torch.where(valid.to(device), _fuse(probs, weights), float("-inf"))
+        s, j = torch.topk(fused, kk, dim=1)
+        top_s[:, :kk] = s.cpu()
+        top_i[:, :kk] = cand.gather(1, j.cpu())
         for t in scorer.tasks:
-            top_p[t][rows, :kk] = p[t].float().cpu().gather(1, j)
+            top_p[t][:, :kk] = probs[t].gather(1, j).cpu()
     back = torch.empty_like(order)
     back[order] = torch.arange(n_users)
     return top_s[back], top_i[back], {t: v[back] for t, v in top_p.items()}

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from mtrec.errors import ModelError
+from mtrec.features.frame import CodedSequences
 
 PAD, OOV = 0, 1
 CLIP = 5.0
@@ -172,15 +173,25 @@ class FeatureEncoder:
         }
         L = self.sequence_length
         if L:
-            seq = table.sequences if table.sequences is not None else np.full((len(f), L), "", dtype=object)
-            seq = seq[:, :L]
-            if seq.shape[1] < L:
-                seq = np.concatenate([seq, np.full((len(f), L - seq.shape[1]), "", dtype=object)], axis=1)
-            flat = seq.ravel()
-            ids = self.ids("item_id", flat).reshape(seq.shape)
-            ids[(seq == "") | pd.isna(seq)] = PAD
-            out["seq"] = ids
-            out["seq_text"] = text_idx(seq)
+            seq = table.sequences
+            if isinstance(seq, CodedSequences):  # look the (few) distinct items up once, then index by code
+                codes = seq.codes[:, :L]
+                if codes.shape[1] < L:
+                    codes = np.concatenate([codes, np.full((len(f), L - codes.shape[1]), -1, codes.dtype)], axis=1)
+                vocab = seq.items
+                ids = self.ids("item_id", vocab)
+                ids[(vocab == "") | pd.isna(vocab)] = PAD
+                out["seq"] = ids[codes]
+                out["seq_text"] = text_idx(vocab)[codes]
+            else:
+                seq = seq if seq is not None else np.full((len(f), L), "", dtype=object)
+                seq = seq[:, :L]
+                if seq.shape[1] < L:
+                    seq = np.concatenate([seq, np.full((len(f), L - seq.shape[1]), "", dtype=object)], axis=1)
+                ids = self.ids("item_id", seq.ravel()).reshape(seq.shape)
+                ids[(seq == "") | pd.isna(seq)] = PAD
+                out["seq"] = ids
+                out["seq_text"] = text_idx(seq)
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
         for k in ("user", "item", "scenario", "user_cat", "item_cat", "text", "seq", "seq_text"):
             if k in tensors:

@@ -57,6 +57,32 @@ def test_split_forward_equals_full_forward(tmp_path, tables, name):
         assert bool((full["like"] <= full["click"] + 1e-7).all())
 
 
+def test_coded_sequences_encode_as_the_item_ids(tables):
+    """Scoring passes sequences as codes into a vocabulary: the tensors equal those of the item-id array (unknown
+    items, padding, and sequences shorter than the model's)."""
+    from dataclasses import replace
+
+    from mtrec.features.frame import CodedSequences
+
+    train, _ = tables
+    enc = FeatureEncoder.fit(train)
+    seq = train.sequences[:400].copy()
+    seq[0, 0] = "never-seen-item"
+    vocab, codes = np.unique(seq, return_inverse=True)
+    codes = codes.reshape(seq.shape)
+    items = np.append(vocab[vocab != ""], "")  # "" last: code -1 pads
+    remap = np.where(vocab == "", -1, np.cumsum(vocab != "") - 1)
+    coded = CodedSequences(remap[codes], items)
+    assert (coded.decode() == seq).all()
+    rows = train.subset(np.arange(len(train)) < 400)
+    for cut in (seq.shape[1], seq.shape[1] - 2):  # shorter than the model's length: padded to it
+        want, _ = enc.transform(replace(rows, sequences=seq[:, :cut]), labels=False)
+        got, _ = enc.transform(replace(rows, sequences=CodedSequences(coded.codes[:, :cut], items)), labels=False)
+        for k in ("seq", "seq_text"):
+            assert torch.equal(want[k], got[k]), k
+        assert int((want["seq"] == 0).sum()) > 0  # padding present and encoded the same
+
+
 @pytest.mark.parametrize("name", ["msmt", "mmoe"])
 def test_learns_the_signal_and_shuffled_labels_do_not(tmp_path, tables, name):
     train, holdout = tables
