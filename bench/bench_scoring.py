@@ -103,6 +103,7 @@ def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue) -> N
     cand, valid = candidate_grid(cfg, uni, seen, similar_items(cfg, emb, uni.items))
     order, cut = pair_blocks(valid)
     cand, valid = cand[order], valid[order]
+    batch = {key: v[order] for key, v in batch.items()}  # users in block order, as the stage has them
     blocks = [(rows, cand[rows, :w], int(valid[rows, :w].sum())) for rows, w in cut]
     model = scorer.art.model.eval()
 
@@ -111,7 +112,6 @@ def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue) -> N
         with torch.no_grad():
             while done < target:
                 u = {**model.user_side(batch, text), "_scenario": batch["scenario"]}
-                u = {key: v[order] for key, v in u.items()}  # users in block order, as the stage does
                 for rows, c, n in blocks:
                     scorer.grid(u, i, rows, c)
                     done += n

@@ -99,6 +99,7 @@ def item_vectors(embeddings: ItemEmbeddings | None, items: list[str]) -> tuple[t
 
 SIMILARITY_TABLE_ITEMS = 4096  # up to this universe size the item x item cosine table is precomputed
 SIMILARITY_ROWS = 256  # users whose similarity rows are ranked at a time
+TOP_GROUP = 8  # items per group in `_top_indices`
 
 
 class SimilarItems:
@@ -106,8 +107,9 @@ class SimilarItems:
 
     The score of item j for a user with positives s_1..s_n is cos(sum_k v_{s_k}, v_j), ranked per user, so the
     norm of the sum does not matter and the score is sum_k <v_{s_k}, v_j>. For a universe of up to
-    SIMILARITY_TABLE_ITEMS items the item x item table is computed once per scenario and a user's scores are an
-    embedding bag over its rows (L x I additions per user instead of D x I multiply-adds); above that, the
+    SIMILARITY_TABLE_ITEMS items the item x item table is computed once per scenario (items without a title and
+    the padding to whole groups of `_top_indices` hold -inf, so no mask is applied per user) and a user's scores
+    are an embedding bag over its rows (L x I additions per user instead of D x I multiply-adds); above that, the
     summed vectors are multiplied by the universe matrix.
     """
 
@@ -115,10 +117,15 @@ class SimilarItems:
         self.has_vector = has_vector
         self.k = min(k, int(has_vector.sum()))
         self.vectors = vectors * has_vector.unsqueeze(1)
-        self.table = self.vectors @ self.vectors.T if len(has_vector) <= SIMILARITY_TABLE_ITEMS else None
+        self.table = None
+        n = len(has_vector)
+        if n <= SIMILARITY_TABLE_ITEMS:
+            self.table = torch.full((n, -(-n // TOP_GROUP) * TOP_GROUP), float("-inf"))
+            self.table[:, :n] = torch.where(has_vector, self.vectors @ self.vectors.T, float("-inf"))
 
     def top(self, seen: torch.Tensor) -> torch.Tensor:
-        """seen [U, L] universe indices (-1: none) -> [U, k] nearest items, -1 for users without a profile."""
+        """seen [U, L] universe indices (-1: none) -> [U, k] nearest items (in no particular order), -1 for users
+        without a profile."""
         ok = seen >= 0
         ok[ok.clone()] = self.has_vector[seen[ok]]
         top = torch.full((len(seen), self.k), -1, dtype=torch.long)
@@ -133,24 +140,29 @@ class SimilarItems:
                 sims = torch.nn.functional.embedding_bag(flat, self.table, offsets, mode="sum")
             else:
                 sims = torch.nn.functional.embedding_bag(flat, self.vectors, offsets, mode="sum") @ self.vectors.T
-            sims[:, ~self.has_vector] = float("-inf")
+                sims[:, ~self.has_vector] = float("-inf")
             top[rows] = _top_indices(sims, self.k)
         return top
 
 
-def _top_indices(x: torch.Tensor, k: int, block: int = 8) -> torch.Tensor:
-    """Indices of the k largest values of each row (as torch.topk, faster on wide rows: about 1.3x on 2000
-    columns here): the row's top k lie in the k blocks of `block` columns with the largest maxima, so only those
-    k * block values are ranked."""
+def _top_indices(x: torch.Tensor, k: int, group: int = TOP_GROUP) -> torch.Tensor:
+    """Indices of the k largest values of each row of x (CPU), in no particular order: the same set as
+    torch.topk, about 2x faster on rows of 2000 here. The columns are split into `group` strided slices; a row's
+    top k lie in the k columns of the slice-wise maxima (`amax` over the slices: contiguous, vectorized) that
+    are largest, so only those k * group values are ranked (numpy's introselect: quicker than torch.topk on
+    short rows)."""
     n_rows, n = x.shape
-    n_blocks = -(-n // block)
-    if n_blocks <= 2 * k:
-        return torch.topk(x, k, dim=1).indices
-    if n % block:
-        x = torch.cat([x, x.new_full((n_rows, n_blocks * block - n), float("-inf"))], 1)
-    best = torch.topk(x.view(n_rows, n_blocks, block).amax(-1), k, dim=1, sorted=False).indices
-    cols = (best.unsqueeze(-1) * block + torch.arange(block)).view(n_rows, -1)
-    return cols.gather(1, torch.topk(x.gather(1, cols), k, dim=1).indices)
+    n_groups = -(-n // group)
+    if n_groups <= 2 * k:
+        return torch.from_numpy(np.argpartition(x.numpy(), n - k, axis=1)[:, n - k:])
+    if n % group:
+        x = torch.cat([x, x.new_full((n_rows, n_groups * group - n), float("-inf"))], 1)
+    maxima = x.view(n_rows, group, n_groups).amax(1)  # column j * n_groups + c belongs to group c
+    best = torch.from_numpy(np.argpartition(maxima.numpy(), n_groups - k, axis=1)[:, n_groups - k:])
+    cols = (best.unsqueeze(-1) + torch.arange(group) * n_groups).view(n_rows, -1)
+    m = cols.shape[1]
+    pick = np.argpartition(x.gather(1, cols).numpy(), m - k, axis=1)[:, m - k:]
+    return cols.gather(1, torch.from_numpy(pick))
 
 
 def similar_items(cfg: MtrecConfig, embeddings: ItemEmbeddings | None, items: list[str]) -> SimilarItems | None:
@@ -178,8 +190,13 @@ def candidate_grid(cfg: MtrecConfig, uni: Universe, seen: torch.Tensor,
     invalid = cand < 0
     invalid[:, 1:] |= cand[:, 1:] == cand[:, :-1]  # repeated (popular and similar, say)
     if cfg.scoring.candidates.exclude_seen and seen.shape[1] and cand.shape[1]:
-        for j in (seen >= 0).any(0).nonzero().squeeze(1).tolist():  # columns of padding only are skipped
-            invalid |= cand == seen[:, j:j + 1]
+        # rows are sorted: each seen item's place in its row, a hit if the candidate there is that item
+        width = cand.shape[1]
+        pos = torch.searchsorted(cand, seen.contiguous()).clamp_(max=width - 1)
+        hit = (cand.gather(1, pos) == seen) & (seen >= 0)
+        seen_cand = torch.zeros((n_users, width + 1), dtype=torch.bool)  # + a column for the misses
+        seen_cand.scatter_(1, torch.where(hit, pos, width), True)
+        invalid |= seen_cand[:, :width]
     counts = (~invalid).sum(1)
     width = max(int(counts.max()) if n_users and cand.shape[1] else 0, 1)
     order = torch.argsort(cand + invalid.long() * (n_items + 1), dim=1)[:, :width]

@@ -44,8 +44,8 @@ class Scorer:
         """Input tensors of the users of a feature table (CPU), sliced per chunk by `user_side`."""
         raise NotImplementedError
 
-    def user_side(self, batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
-        """The user side of batch[rows], once per (user, scenario)."""
+    def user_side(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The user side of batch[rows] (row indices), once per (user, scenario)."""
         raise NotImplementedError
 
     def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
@@ -81,7 +81,7 @@ class ModelScorer(Scorer):
         return tensors
 
     @torch.no_grad()
-    def user_side(self, batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    def user_side(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
         self.art.model.eval()
         b = to_device({k: v[rows] for k, v in batch.items()}, self.device)
         return {**self.art.model.user_side(b, self._text), "_scenario": b["scenario"]}
@@ -111,7 +111,7 @@ class PopularityScorer(Scorer):
     def encode(self, table) -> dict[str, torch.Tensor]:
         return {}
 
-    def user_side(self, batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    def user_side(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
 
     def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
@@ -234,10 +234,14 @@ def _score_chunk(cfg: MtrecConfig, ds: dt.date, plan: ScenarioPlan, scorer: Scor
     it = plan.items
     rows = slice(start, start + it.chunk)
     ids = plan.users[rows]
-    u_side = scorer.user_side(plan.batch, rows)
-    seen = plan.seen[rows]
-    cand, valid = candidate_grid(cfg, it.uni, seen, it.similar)
-    top = _score_grid(scorer, u_side, it.i_side, cand, valid, it.weights, cfg.scoring.top_k)
+    cand, valid = candidate_grid(cfg, it.uni, plan.seen[rows], it.similar)
+    order, blocks = pair_blocks(valid)
+    # the user side of the chunk's users in block order (the inputs are gathered, not the larger outputs)
+    u_side = scorer.user_side(plan.batch, order + start)
+    top = _score_grid(scorer, u_side, it.i_side, cand[order], valid[order], blocks, it.weights, cfg.scoring.top_k)
+    back = torch.empty_like(order)
+    back[order] = torch.arange(len(order))
+    top = (top[0][back], top[1][back], {t: v[back] for t, v in top[2].items()})  # back to user order
     table = _top_k(cfg, arrow_schema(cfg), ds, it.uni.scenario, ids, it.item_ids, *top, version=scorer.version,
                    run_id=run_id, created_at=created_at)
     return len(ids), int(valid.sum()), table
@@ -297,14 +301,13 @@ def pair_blocks(valid: torch.Tensor) -> tuple[torch.Tensor, list[tuple[slice, in
 
 
 def _score_grid(scorer: Scorer, u_side: dict, i_side: dict, cand: torch.Tensor, valid: torch.Tensor,
-                weights: dict[str, float], k: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+                blocks: list[tuple[slice, int]], weights: dict[str, float],
+                k: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Each user's top k candidates by fused score: (scores [U, k] (-inf past the user's candidates), universe
-    indices [U, k], {task: probabilities [U, k]}). The pairs are scored block by block into one grid of
-    probabilities per task (on the scorer's device), then fused and ranked for the whole chunk at once."""
+    indices [U, k], {task: probabilities [U, k]}). Users (u_side, cand, valid) are in the order of `pair_blocks`;
+    the pairs are scored block by block into one grid of probabilities per task (on the scorer's device), then
+    fused and ranked for the whole chunk at once."""
     n_users, width = cand.shape
-    order, blocks = pair_blocks(valid)
-    u_side = {key: v[order.to(v.device)] for key, v in u_side.items()}  # ordered once: blocks are slices
-    cand, valid = cand[order], valid[order]
     probs: dict[str, torch.Tensor] = {}
     for rows, w in blocks:
         p = scorer.grid(u_side, i_side, rows, cand[rows, :w])
@@ -324,9 +327,7 @@ def _score_grid(scorer: Scorer, u_side: dict, i_side: dict, cand: torch.Tensor, 
         top_i[:, :kk] = cand.gather(1, j.cpu())
         for t in scorer.tasks:
             top_p[t][:, :kk] = probs[t].gather(1, j).cpu()
-    back = torch.empty_like(order)
-    back[order] = torch.arange(n_users)
-    return top_s[back], top_i[back], {t: v[back] for t, v in top_p.items()}
+    return top_s, top_i, top_p
 
 
 def _top_k(cfg: MtrecConfig, schema: pa.Schema, ds: dt.date, scenario: str, ids: list[str], item_ids: pa.Array,
