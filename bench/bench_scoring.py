@@ -45,12 +45,17 @@ def _setup(home: str, users: int, items: int, days: int, threads: int) -> None:
 
 
 def _score(home: str, threads: int, queue) -> None:
-    """The whole score stage in a fresh process. Library imports (torch, Feast) happen before the clock starts and
-    are timed on their own: they are paid once per process, whatever the number of users."""
+    """The whole score stage in a fresh process. Imports (torch, Feast, the stage's modules) happen before the
+    clock starts and are timed on their own: they are paid once per process, whatever the number of users."""
     t = time.perf_counter()
     import feast  # noqa: F401
     import torch  # noqa: F401
+    import tqdm  # noqa: F401
 
+    import mtrec.features.store  # noqa: F401
+    import mtrec.registry  # noqa: F401
+    import mtrec.scoring.rank  # noqa: F401
+    import mtrec.training.artifact  # noqa: F401
     from mtrec.config import load_config
     from mtrec.steps import score
 
@@ -66,7 +71,7 @@ def _score(home: str, threads: int, queue) -> None:
 
 
 def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue) -> None:
-    """The champion's forward alone on pre-built tensors: the user side of up to 4096 users of the first scenario,
+    """The champion's forward alone on pre-built tensors: the user side of one chunk of users of the first scenario,
     then their pairs on the stage's own candidate grid, in the stage's blocks (no features, no encoding, no
     candidates, no top-K, no I/O; the item side, computed once per scenario, is left out)."""
     import pandas as pd
@@ -89,7 +94,7 @@ def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue) -> N
     scorer = ModelScorer(reg.load(mv.version), mv.version, torch.device("cpu"))
     scenario = known_scenarios(wh, cfg, END)[0]
     uni = universe(wh, cfg, END, scenario)
-    users = active_users(wh, cfg, END, scenario)[:4096]
+    users = active_users(wh, cfg, END, scenario)[:cfg.scoring.batch_users]  # one chunk
     emb = load_item_embeddings(cfg, wh)
     table = build_scoring_table(cfg, wh, END, pd.DataFrame({"user_id": users, "scenario": scenario, "item_id": ""}),
                                 sides=("user",), embeddings=emb)

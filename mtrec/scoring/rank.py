@@ -31,7 +31,7 @@ from mtrec.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 
-PAIR_CHUNK = 2_048
+PAIR_CHUNK = 2048
 
 
 class Scorer:
@@ -222,10 +222,12 @@ def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext,
     return ScenarioPlan(items=items, users=users, batch=scorer.encode(replace(user_rows, sequences=seq)), seen=seen)
 
 
-def segments(cfg: MtrecConfig, users: list[str]) -> list[list[str]]:
-    """A scenario's users in the segments whose features are retrieved at once."""
+def segments(cfg: MtrecConfig, users: list[str], *, first: bool = False) -> list[list[str]]:
+    """A scenario's users in the segments whose features are retrieved at once. `first`: the stage's first
+    segment is only as large as the chunks its lanes take at once, so that ranking starts sooner."""
     n = cfg.scoring.retrieval_users
-    return [users[i:i + n] for i in range(0, len(users), n)]
+    head = min(n, cfg.scoring.batch_users * scoring_workers(cfg)) if first else n
+    return [users[:head]] + [users[i:i + n] for i in range(head, len(users), n)] if users else []
 
 
 def _score_chunk(cfg: MtrecConfig, ds: dt.date, plan: ScenarioPlan, scorer: Scorer, start: int, *,

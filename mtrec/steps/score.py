@@ -28,6 +28,8 @@ from mtrec.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 
+# columns that hold one value per staged file: dictionary-encoded (the others are not worth their dictionary)
+CONSTANT_COLUMNS = ["ds", "scenario", "model_version", "run_id", "created_at"]
 
 
 @dataclass
@@ -94,6 +96,9 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     from mtrec.scoring.rank import ItemContext, arrow_schema, item_context, plan_users, rank_plans, segments
 
     torch.set_num_threads(cfg.training.num_threads or 1)
+    # the Feast store is opened (registry, repo) while the model loads and the users are fetched
+    opening = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mtrec-score-open")
+    store_ready = opening.submit(FS.feature_store, cfg)
     mv, label = resolve_model(cfg, wh, ds, model)
     scorer = make_scorer(cfg, wh, mv)
     if mv is None:
@@ -107,21 +112,28 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     out = scores_dir(cfg, ds, run_id)
     out.mkdir(parents=True, exist_ok=True)
     schema = arrow_schema(cfg)
-    store = FS.feature_store(cfg)  # one Feast store for every scenario
     created = dt.datetime.now(dt.UTC)  # bookkeeping column only
     rows: dict[str, int] = {}
     started = time.perf_counter()
     pairs: list[int] = []  # scored pairs per user chunk
     people = {scenario: active_users(wh, cfg, ds, scenario) for scenario in todo}
-    # behaviour sequences depend on the user only: one pass for the users of every scenario
-    sequences = sequence_codes(wh, cfg, [u for p in people.values() for u in p], pd.Timestamp(end_of_day(ds)))
-    log.info("score %s: %d users' behaviour sequences in %.1f s", ds, len(sequences.users),
-             time.perf_counter() - started)
+
+    def fetch_sequences():
+        """Behaviour sequences depend on the user only: one pass for the users of every scenario (in a thread,
+        while the first scenario's item side is computed)."""
+        t = time.perf_counter()
+        seq = sequence_codes(wh, cfg, [u for p in people.values() for u in p], pd.Timestamp(end_of_day(ds)))
+        log.info("score %s: %d users' behaviour sequences in %.1f s", ds, len(seq.users), time.perf_counter() - t)
+        return seq
+
+    sequences_ready = opening.submit(fetch_sequences)
+    opening.shutdown(wait=False)
 
     # (scenario, its users' segment, last segment?) in order; a scenario without users or items still gets an
     # (empty) staged file
-    tasks = [(scenario, part, i == len(parts) - 1) for scenario in todo
-             for parts in [segments(cfg, people[scenario]) or [[]]] for i, part in enumerate(parts)]
+    # (the very first segment only as large as the lanes take at once: ranking starts sooner)
+    tasks = [(scenario, part, i == len(parts) - 1) for n, scenario in enumerate(todo)
+             for parts in [segments(cfg, people[scenario], first=n == 0) or [[]]] for i, part in enumerate(parts)]
     contexts: dict[str, ItemContext] = {}
 
     def plan(scenario: str, part: list[str], last: bool):
@@ -130,9 +142,11 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
             contexts.clear()
             uni = universe(wh, cfg, ds, scenario)
             n_items[scenario] = len(uni.items)
-            contexts[scenario] = item_context(cfg, wh, ds, uni, scorer, store=store) if uni.items else None
+            contexts[scenario] = item_context(cfg, wh, ds, uni, scorer, store=store_ready.result()) \
+                if uni.items else None
         items = contexts[scenario]
-        p = plan_users(cfg, wh, ds, items, part, scorer, sequences, store=store) if items and part else None
+        p = plan_users(cfg, wh, ds, items, part, scorer, sequences_ready.result(), store=store_ready.result()) \
+            if items and part else None
         log.info("score %s %s: %d users planned in %.1f s", ds, scenario, len(part), time.perf_counter() - t)
         return scenario, p, last
 
@@ -160,7 +174,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         for scenario, table in rank_plans(cfg, ds, planned(), scorer, run_id=run_id, created_at=created,
                                           on_chunk=lambda _s, u, p: (bar.update(u), pairs.append(p))):
             if scenario not in writers:
-                writers[scenario] = pq.ParquetWriter(tmp_path(scenario), schema)
+                writers[scenario] = pq.ParquetWriter(tmp_path(scenario), schema, use_dictionary=CONSTANT_COLUMNS)
             if table is not None:
                 writers[scenario].write_table(table)
                 counts[scenario] += table.num_rows

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from mtrec.evaluation.gate import ALL
 
@@ -24,7 +23,7 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = rankdata(scores)
+    ranks = pd.Series(np.asarray(scores, np.float64)).rank(method="average").to_numpy()  # ties: mean rank
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 

@@ -58,9 +58,11 @@ class DuckDBWarehouse:
         except duckdb.Error as e:
             raise WarehouseError(f"DuckDB: {str(e).splitlines()[0]}") from e
 
+    # every result is read to its end before the lock is released: a result left open (a DML count, a fetchone)
+    # makes DuckDB refuse the next register() on the connection, from whichever thread it comes
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         with self._lock:
-            self._run(sql, params)
+            self._run(sql, params).fetchall()
 
     def query_df(self, sql: str, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
         with self._lock:
@@ -68,8 +70,8 @@ class DuckDBWarehouse:
 
     def scalar(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         with self._lock:
-            row = self._run(sql, params).fetchone()
-        return None if row is None else row[0]
+            rows = self._run(sql, params).fetchall()
+        return rows[0][0] if rows else None
 
     def iter_query(self, sql: str, params: Mapping[str, Any] | None = None,
                    chunk_rows: int = 500_000) -> Iterator[pd.DataFrame]:
@@ -88,17 +90,17 @@ class DuckDBWarehouse:
                 finally:
                     self._depth -= 1
                 return
-            self.con.execute("BEGIN TRANSACTION")
+            self.con.execute("BEGIN TRANSACTION").fetchall()
             self._depth = 1
             try:
                 yield self
             except BaseException:
                 self._depth = 0
-                self.con.execute("ROLLBACK")
+                self.con.execute("ROLLBACK").fetchall()
                 raise
             self._depth = 0
             try:
-                self.con.execute("COMMIT")
+                self.con.execute("COMMIT").fetchall()
             except duckdb.Error as e:
                 raise WarehouseError(f"DuckDB commit failed: {str(e).splitlines()[0]}") from e
 
@@ -133,7 +135,7 @@ class DuckDBWarehouse:
         with self._lock:
             self.con.register(view, df)
             try:
-                self._run(f"INSERT INTO {q(table)} BY NAME SELECT * FROM {view}")
+                self._run(f"INSERT INTO {q(table)} BY NAME SELECT * FROM {view}").fetchall()
             finally:
                 _unregister(self.con, view)
         return len(df)
@@ -155,7 +157,7 @@ class DuckDBWarehouse:
         with self.transaction(), self._lock:
             self.con.register(view, keys)
             try:
-                self._run(f"DELETE FROM {q(table)} t WHERE EXISTS (SELECT 1 FROM {view} k WHERE {cond})")
+                self._run(f"DELETE FROM {q(table)} t WHERE EXISTS (SELECT 1 FROM {view} k WHERE {cond})").fetchall()
             finally:
                 _unregister(self.con, view)
             return self.insert_df(table, df)

@@ -56,6 +56,38 @@ def test_failed_write_leaves_partition_intact(cfg, warehouse_url):
         wh.close()
 
 
+def test_statements_leave_no_open_result_between_threads(cfg, warehouse_url):
+    """Scoring reads the warehouse from several threads: after a scalar, a DDL or an insert, the next bulk write
+    (which registers a frame on DuckDB) must not find a result left open by the previous statement."""
+    import threading
+
+    wh = open_warehouse(warehouse_url)
+    try:
+        wh.execute("CREATE TABLE scratch_t (a INTEGER)")
+        df = pd.DataFrame({"a": [1, 2, 3]})
+        steps = [lambda: wh.table_exists("scratch_t"), lambda: wh.scalar("SELECT a FROM scratch_t ORDER BY a"),
+                 lambda: wh.insert_df("scratch_t", df), lambda: wh.execute("DELETE FROM scratch_t WHERE a = 2")]
+        errors: list[BaseException] = []
+        for step in steps:  # one statement in a thread, a bulk write in another
+            t = threading.Thread(target=lambda s=step: errors.extend(_catch(s)))
+            t.start()
+            t.join()
+            wh.insert_df("scratch_t", df)
+        assert not errors
+        # five inserts of 3 rows; the DELETE ran after four of them and removed their four rows with a = 2
+        assert wh.scalar("SELECT count(*) FROM scratch_t") == 5 * 3 - 4
+    finally:
+        wh.close()
+
+
+def _catch(step) -> list[BaseException]:
+    try:
+        step()
+    except BaseException as e:  # noqa: BLE001 - reported by the test
+        return [e]
+    return []
+
+
 def test_identifiers_are_checked():
     assert q("p_click") == '"p_click"'
     for bad in ['x"; DROP TABLE events; --', "1abc", "a b", ""]:
