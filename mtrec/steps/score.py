@@ -118,11 +118,13 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     pairs: list[int] = []  # scored pairs per user chunk
     people = {scenario: active_users(wh, cfg, ds, scenario) for scenario in todo}
 
+    cutoff = pd.Timestamp(end_of_day(ds))
+
     def fetch_sequences():
-        """Behaviour sequences depend on the user only: one pass for the users of every scenario (in a thread,
-        while the first scenario's item side is computed)."""
+        """Behaviour sequences depend on the user only: one pass for the users of every scenario, in a thread
+        (the first segment fetches its own users' sequences, so that ranking does not wait for this one)."""
         t = time.perf_counter()
-        seq = sequence_codes(wh, cfg, [u for p in people.values() for u in p], pd.Timestamp(end_of_day(ds)))
+        seq = sequence_codes(wh, cfg, [u for p in people.values() for u in p], cutoff)
         log.info("score %s: %d users' behaviour sequences in %.1f s", ds, len(seq.users), time.perf_counter() - t)
         return seq
 
@@ -136,7 +138,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
              for parts in [segments(cfg, people[scenario], first=n == 0) or [[]]] for i, part in enumerate(parts)]
     contexts: dict[str, ItemContext] = {}
 
-    def plan(scenario: str, part: list[str], last: bool):
+    def plan(scenario: str, part: list[str], last: bool, first: bool = False):
         t = time.perf_counter()
         if scenario not in contexts:  # the item side once per scenario (tasks run in order, in one thread)
             contexts.clear()
@@ -145,8 +147,10 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
             contexts[scenario] = item_context(cfg, wh, ds, uni, scorer, store=store_ready.result()) \
                 if uni.items else None
         items = contexts[scenario]
-        p = plan_users(cfg, wh, ds, items, part, scorer, sequences_ready.result(), store=store_ready.result()) \
-            if items and part else None
+        p = None
+        if items and part:
+            sequences = sequence_codes(wh, cfg, part, cutoff) if first else sequences_ready.result()
+            p = plan_users(cfg, wh, ds, items, part, scorer, sequences, store=store_ready.result())
         log.info("score %s %s: %d users planned in %.1f s", ds, scenario, len(part), time.perf_counter() - t)
         return scenario, p, last
 
@@ -154,7 +158,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         """Plans in order; the next one is planned (warehouse, Feast, item side) in a thread while the current
         one is ranked (ranking uses no warehouse connection)."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrec-score-plan") as planner:
-            upcoming = planner.submit(plan, *tasks[0]) if tasks else None
+            upcoming = planner.submit(plan, *tasks[0], first=True) if tasks else None
             for i in range(len(tasks)):
                 current = upcoming.result()
                 if i + 1 < len(tasks):
