@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -116,9 +117,14 @@ def test_airflow_backfill_create_publishes_past_days(mtrec_home: Path, airflow_h
     )
 
     def cli(*args: str, timeout: float = 120) -> str:
-        p = subprocess.run([AIRFLOW, *args], env=env, capture_output=True, text=True, timeout=timeout,
-                           cwd=airflow_home)
-        assert p.returncode == 0, (args, p.stdout[-3000:], p.stderr[-3000:])
+        for _ in range(3):  # the SQLite metadata DB is shared with the running scheduler: a write may hit its lock
+            p = subprocess.run([AIRFLOW, *args], env=env, capture_output=True, text=True, timeout=timeout,
+                               cwd=airflow_home)
+            if p.returncode == 0 or "database is locked" not in p.stdout + p.stderr:
+                break
+            time.sleep(2)
+        errors = [line[:300] for line in (p.stdout + p.stderr).splitlines() if "Error" in line]
+        assert p.returncode == 0, (args, errors[-5:], p.stdout[-3000:], p.stderr[-3000:])
         return p.stdout
 
     services = Services(env, tmp_path)
