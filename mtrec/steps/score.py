@@ -122,14 +122,14 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
 
     def fetch_sequences():
         """Behaviour sequences depend on the user only: one pass for the users of every scenario, in a thread
-        (the first segment fetches its own users' sequences, so that ranking does not wait for this one)."""
+        started once the first segment is planned (that one fetches its own users' sequences: ranking starts
+        without waiting for everyone's, and the first item side is not slowed down by this fetch)."""
         t = time.perf_counter()
         seq = sequence_codes(wh, cfg, [u for p in people.values() for u in p], cutoff)
         log.info("score %s: %d users' behaviour sequences in %.1f s", ds, len(seq.users), time.perf_counter() - t)
         return seq
 
-    sequences_ready = opening.submit(fetch_sequences)
-    opening.shutdown(wait=False)
+    sequences_ready: list = []  # the future of fetch_sequences
 
     # (scenario, its users' segment, last segment?) in order; a scenario without users or items still gets an
     # (empty) staged file
@@ -149,7 +149,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         items = contexts[scenario]
         p = None
         if items and part:
-            sequences = sequence_codes(wh, cfg, part, cutoff) if first else sequences_ready.result()
+            sequences = sequence_codes(wh, cfg, part, cutoff) if first else sequences_ready[0].result()
             p = plan_users(cfg, wh, ds, items, part, scorer, sequences, store=store_ready.result())
         log.info("score %s %s: %d users planned in %.1f s", ds, scenario, len(part), time.perf_counter() - t)
         return scenario, p, last
@@ -161,6 +161,9 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
             upcoming = planner.submit(plan, *tasks[0], first=True) if tasks else None
             for i in range(len(tasks)):
                 current = upcoming.result()
+                if i == 0:
+                    sequences_ready.append(opening.submit(fetch_sequences))
+                    opening.shutdown(wait=False)
                 if i + 1 < len(tasks):
                     upcoming = planner.submit(plan, *tasks[i + 1])
                 yield current
@@ -189,6 +192,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
             log.info("score %s %s: %d users, %d items in the universe, %d rows", ds, scenario, users[scenario],
                      n_items.get(scenario, 0), counts[scenario])
     finally:
+        opening.shutdown(wait=False)
         bar.close()
         for scenario, writer in writers.items():  # a failure midway: no partial file is left behind
             writer.close()
