@@ -28,5 +28,14 @@ def emit(bench: str, metric: str, value: float, unit: str, baseline: str, baseli
 
 
 def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident memory of this process (or of its waited-for children). For the process itself, Linux's
+    VmHWM: `ru_maxrss` survives exec, so a child spawned by a large parent would report the parent's size."""
+    if not children:
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+        except OSError:
+            pass
     who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
     return resource.getrusage(who).ru_maxrss / 1024.0

@@ -78,18 +78,6 @@ def stage(home: str, scenarios: list[str], users: int, k: int) -> int:
     return sum(counts.values())
 
 
-def _peak_mb() -> float:
-    """This process's peak RSS. ru_maxrss (peak_rss_mb) of a spawned child starts at the parent's RSS when it
-    forked (Linux keeps the high-water mark across exec); VmHWM belongs to the child's own address space."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return peak_rss_mb()
-
-
 def _worker(kind: str, home: str, url: str, rows_limit: int, queue) -> None:
     """One measurement in a fresh process: (rows, seconds, peak RSS MB)."""
     import logging
@@ -152,7 +140,7 @@ def _worker(kind: str, home: str, url: str, rows_limit: int, queue) -> None:
             wh.close()
     else:
         raise ValueError(kind)
-    queue.put((rows, seconds, _peak_mb()))
+    queue.put((rows, seconds, peak_rss_mb()))
 
 
 def _guarded(kind: str, home: str, url: str, rows_limit: int, queue) -> None:
