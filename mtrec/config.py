@@ -175,8 +175,8 @@ class ScoringSpec(_Section):
     active_window_days: int = Field(7, ge=1)
     batch_users: int = Field(8192, ge=1)
     workers: int = Field(0, ge=0, description="threads scoring user chunks side by side; 0 = one per CPU")
-    retrieval_users: int = Field(100_000, ge=1, description="users whose features are retrieved from Feast at once "
-                                 "(each retrieval scans the feature sources: fewer, larger ones cost less)")
+    retrieval_users: int = Field(50_000, ge=1, description="users whose features are retrieved from Feast at once "
+                                 "(bounds memory; each retrieval also pays a fixed cost of about 0.3 s)")
     candidates: CandidateSpec = Field(default_factory=CandidateSpec)
     fusion: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="per-scenario weights over task probabilities; default: task weights")
