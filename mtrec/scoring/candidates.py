@@ -191,12 +191,12 @@ def candidate_grid(cfg: MtrecConfig, uni: Universe, seen: torch.Tensor,
     invalid[:, 1:] |= cand[:, 1:] == cand[:, :-1]  # repeated (popular and similar, say)
     if cfg.scoring.candidates.exclude_seen and seen.shape[1] and cand.shape[1]:
         # rows are sorted: each seen item's place in its row, a hit if the candidate there is that item
-        width = cand.shape[1]
-        pos = torch.searchsorted(cand, seen.contiguous()).clamp_(max=width - 1)
+        n_cand = cand.shape[1]
+        pos = torch.searchsorted(cand, seen.contiguous()).clamp_(max=n_cand - 1)
         hit = (cand.gather(1, pos) == seen) & (seen >= 0)
-        seen_cand = torch.zeros((n_users, width + 1), dtype=torch.bool)  # + a column for the misses
-        seen_cand.scatter_(1, torch.where(hit, pos, width), True)
-        invalid |= seen_cand[:, :width]
+        seen_cand = torch.zeros((n_users, n_cand + 1), dtype=torch.bool)  # + a column for the misses
+        seen_cand.scatter_(1, torch.where(hit, pos, n_cand), True)
+        invalid |= seen_cand[:, :n_cand]
     counts = (~invalid).sum(1)
     width = max(int(counts.max()) if n_users and cand.shape[1] else 0, 1)
     order = torch.argsort(cand + invalid.long() * (n_items + 1), dim=1)[:, :width]

@@ -135,7 +135,7 @@ class DuckDBWarehouse:
         with self._lock:
             self.con.register(view, df)
             try:
-                self._run(f"INSERT INTO {q(table)} BY NAME SELECT * FROM {view}").fetchall()
+                self.execute(f"INSERT INTO {q(table)} BY NAME SELECT * FROM {view}")
             finally:
                 _unregister(self.con, view)
         return len(df)
@@ -157,7 +157,7 @@ class DuckDBWarehouse:
         with self.transaction(), self._lock:
             self.con.register(view, keys)
             try:
-                self._run(f"DELETE FROM {q(table)} t WHERE EXISTS (SELECT 1 FROM {view} k WHERE {cond})").fetchall()
+                self.execute(f"DELETE FROM {q(table)} t WHERE EXISTS (SELECT 1 FROM {view} k WHERE {cond})")
             finally:
                 _unregister(self.con, view)
             return self.insert_df(table, df)
