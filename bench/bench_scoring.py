@@ -3,8 +3,8 @@
 Prints JSON lines: scored (user, item) pairs per second of the full score stage (features through Feast,
 behaviour sequences, encoding, candidates, user/item sides, pairs, top-K, Parquet; library imports timed apart)
 against the same model's forward alone on pre-built tensors (the user side, then the pairs on the stage's own
-candidate grid), on 1 thread, on 2 cores as 2 torch threads and on 2 cores as 2 lanes of 1 thread (how the stage
-runs it); the full path is compared with the best of them (target 0.8; target 500k pairs/s on 2 CPU cores). Also
+candidate grid), on 1 thread, and on 2 cores as 2 torch threads, as 2 lanes of 1 thread (how the stage runs it)
+and as 2 processes of 1 thread; the full path is compared with the best of them (target 0.8; target 500k pairs/s on 2 CPU cores). Also
 the peak RSS of scoring N and 2N users (target under 3 GB for 200k users, and flat as the user count doubles).
 Each size is measured in `--rounds` rounds of the full path then the forward variants; medians are printed.
 
@@ -80,10 +80,14 @@ def _score(home: str, threads: int, queue) -> None:
                "rows": sum(res.rows.values()), "pairs": res.details.get("pairs", 0), "rss": peak_rss_mb()})
 
 
-def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue) -> None:
+def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue, sync=None) -> None:
     """The champion's forward alone on pre-built tensors: the user side of one chunk of users of the first scenario,
     then their pairs on the stage's own candidate grid, in the stage's blocks (no features, no encoding, no
-    candidates, no top-K, no I/O; the item side, computed once per scenario, is left out)."""
+    candidates, no top-K, no I/O; the item side, computed once per scenario, is left out). `sync` (lock, barrier):
+    processes running side by side build their tensors one at a time (one process may open the warehouse), then
+    start the clock together."""
+    if sync:
+        sync[0].acquire()
     import pandas as pd
     import torch
 
@@ -101,7 +105,7 @@ def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue) -> N
     wh = open_warehouse(cfg)
     reg = ModelRegistry(cfg, wh)
     mv = reg.champion()
-    scorer = ModelScorer(reg.load(mv.version), mv.version, torch.device("cpu"))
+    scorer = ModelScorer(reg.load(mv.version), mv.version, torch.device("cpu"), trace=cfg.scoring.trace)
     scenario = known_scenarios(wh, cfg, END)[0]
     uni = universe(wh, cfg, END, scenario)
     users = active_users(wh, cfg, END, scenario)[:cfg.scoring.batch_users]  # one chunk
@@ -121,6 +125,10 @@ def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue) -> N
     batch = {key: v[order] for key, v in batch.items()}  # users in block order, as the stage has them
     blocks = [(rows, cand[rows, :w], int(valid[rows, :w].sum())) for rows, w in cut]
     model = scorer.art.model.eval()
+    if sync:
+        wh.close()
+        sync[0].release()
+        sync[1].wait()
 
     def run(target: int) -> int:  # one lane: the user side, then the pairs, until `target` pairs
         done = 0
@@ -138,9 +146,9 @@ def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue) -> N
     queue.put({"seconds": time.perf_counter() - t, "pairs": done})
 
 
-def _guarded(target, args, queue) -> None:
+def _guarded(target, args, queue, *extra) -> None:
     try:
-        target(*args, queue)
+        target(*args, queue, *extra)
     except BaseException:  # noqa: BLE001 - report the child's failure instead of hanging the parent
         import traceback
 
@@ -160,6 +168,22 @@ def _in_child(target, *args):
     return out
 
 
+def _in_children(n: int, target, *args) -> dict:
+    """`target` in n fresh processes side by side (given a lock and a barrier): all their pairs over the slowest."""
+    ctx = mp.get_context("spawn")
+    queue, sync = ctx.Queue(), (ctx.Lock(), ctx.Barrier(n))
+    procs = [ctx.Process(target=_guarded, args=(target, args, queue, sync)) for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    outs = [queue.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    errors = [o["error"] for o in outs if "error" in o]
+    if errors:
+        raise RuntimeError(errors[0])
+    return {"seconds": max(o["seconds"] for o in outs), "pairs": sum(o["pairs"] for o in outs)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, nargs="+", default=[10000, 20000])
@@ -177,16 +201,19 @@ def main() -> None:
             if not args.home:
                 _setup(home, n_users, args.items, args.days, args.threads)
             # rounds alternate the full path and the forward variants (the machine's speed drifts: a ratio is
-            # taken within a round, and medians are reported): the forward alone on 1 core, on 2 cores as 2
-            # torch threads, and on 2 cores as the stage runs it (2 lanes of 1 torch thread); the full path is
-            # compared with the best of them
-            variants = {"1 thread": (1, 1), "2 torch threads": (2, 1), "2 lanes x 1 thread": (1, 2)}
+            # taken within a round, and medians are reported): the forward alone on 1 core, and on 2 cores as 2
+            # torch threads, as the stage runs it (2 lanes of 1 torch thread) and as 2 processes (no shared GIL
+            # at all); the full path is compared with the best of them. (torch threads, lanes, processes):
+            variants = {"1 thread": (1, 1, 1), "2 torch threads": (2, 1, 1), "2 lanes x 1 thread": (1, 2, 1),
+                        "2 processes x 1 thread": (1, 1, 2)}
             fulls, fwd_rounds, ratios = [], [], []
             for _ in range(args.rounds):
                 full = _in_child(_score, home, args.threads)
                 fwd = {}
-                for name, (threads, lanes) in variants.items():
-                    f = _in_child(_forward_only, home, threads, lanes, max(full["pairs"] // 4, 1_000_000))
+                for name, (threads, lanes, procs) in variants.items():
+                    n = max(full["pairs"] // 4, 1_000_000)
+                    f = _in_child(_forward_only, home, threads, lanes, n) if procs == 1 else \
+                        _in_children(procs, _forward_only, home, threads, lanes, n // procs)
                     fwd[name] = f["pairs"] / f["seconds"]
                 fulls.append(full)
                 fwd_rounds.append(fwd)

@@ -177,6 +177,9 @@ class ScoringSpec(_Section):
     workers: int = Field(0, ge=0, description="threads scoring user chunks side by side; 0 = one per CPU")
     retrieval_users: int = Field(50_000, ge=1, description="users whose features are retrieved from Feast at once "
                                  "(bounds memory; each retrieval also pays a fixed cost of about 0.3 s)")
+    trace: bool = Field(True, description="score pairs with a TorchScript trace of the model's pair grid (runs "
+                        "without the GIL, so lanes do not wait for each other; checked against eager on the first "
+                        "block); off: eager")
     candidates: CandidateSpec = Field(default_factory=CandidateSpec)
     fusion: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="per-scenario weights over task probabilities; default: task weights")

@@ -118,6 +118,8 @@ def _mean_pool(keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class Ranker(nn.Module):
     """Base: shared input layer, mean-pooled sequence, independent task heads (overridden by subclasses)."""
 
+    traceable = True  # the pair computation has no data-dependent control flow (batch scoring may trace it)
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec

@@ -67,7 +67,7 @@ def make_scorer(cfg: MtrecConfig, wh: Warehouse, mv):
     if missing:
         raise ModelError(f"model {mv.version} predicts tasks {art.tasks}, the config has {cfg.task_names}",
                          table="model_registry")
-    return ModelScorer(art, mv.version, pick_device(cfg.training.device))
+    return ModelScorer(art, mv.version, pick_device(cfg.training.device), trace=cfg.scoring.trace)
 
 
 def _merge_success(path: Path, ds: dt.date, run_id: str, model_version: str, rows: dict[str, int]) -> None:

@@ -217,3 +217,60 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert len(single["history"]) == len(r0["history"]) and set(single) == set(r0)
     assert abs(r0["history"][-1]["train_loss"] - single["history"][-1]["train_loss"]) < 0.1 * single["history"][-1]["train_loss"]
     assert abs(r0["holdout_auc"] - single["holdout_auc"]) < 0.03
+
+
+def _scorer_inputs(cfg, train, name, trace):
+    """A ModelScorer over an untrained `name` ranker, the user and item sides of 300 rows and a candidate grid."""
+    from mtrec.scoring.rank import ModelScorer
+
+    enc = FeatureEncoder.fit(train)
+    spec = make_spec(cfg, enc, name)
+    torch.manual_seed(0)
+    scorer = ModelScorer(RankerArtifact(build_model(spec), enc, spec), "v", torch.device("cpu"), trace=trace)
+    sub = train.subset(np.arange(len(train)) < 300)
+    batch = scorer.encode(sub)
+    u = scorer.user_side(batch, torch.arange(300))
+    with torch.no_grad():
+        i = scorer.art.model.eval().item_side(to_device(batch, torch.device("cpu")), scorer._text)
+    cand = torch.randint(0, 300, (300, 40), generator=torch.Generator().manual_seed(1))
+    return scorer, u, i, cand
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_traced_pair_grid_equals_eager(tmp_path, tables, name):
+    """Batch scoring traces the pair grid of traceable rankers (it then runs without the GIL); the traced grid
+    must give the eager probabilities on blocks of every shape, the first one included."""
+    train, _ = tables
+    cfg = _cfg(tmp_path)
+    traced, u, i, cand = _scorer_inputs(cfg, train, name, trace=True)
+    eager, *_ = _scorer_inputs(cfg, train, name, trace=False)
+    for rows, width in [(slice(0, 50), 40), (slice(50, 53), 7), (slice(100, 101), 1), (slice(120, 300), 33)]:
+        a, b = traced.grid(u, i, rows, cand[rows, :width]), eager.grid(u, i, rows, cand[rows, :width])
+        assert set(a) == set(b) == {"click", "like"}
+        for t in a:
+            assert a[t].shape == (rows.stop - rows.start, width)
+            torch.testing.assert_close(a[t], b[t], atol=1e-6, rtol=1e-5)
+    assert (traced._traced is not None) == (name != "single_task")  # single_task routes rows per scenario
+    assert eager._traced is None
+
+
+@pytest.mark.parametrize("failure", ["cannot trace", "traces wrong"])
+def test_a_bad_trace_falls_back_to_eager(tmp_path, tables, monkeypatch, caplog, failure):
+    train, _ = tables
+    cfg = _cfg(tmp_path)
+    scorer, u, i, cand = _scorer_inputs(cfg, train, "msmt", trace=True)
+    expected = scorer._pairs(*[{k: v[:20] for k, v in u.items() if k != "_scenario"}, i, u["_scenario"][:20],
+                               cand[:20], scorer._text])
+
+    def fake_trace(module, *args, **kwargs):
+        if failure == "cannot trace":
+            raise RuntimeError("unsupported op")
+        return lambda *a: {t: p + 1e-3 for t, p in module(*a).items()}
+
+    monkeypatch.setattr(torch.jit, "trace", fake_trace)
+    with caplog.at_level("WARNING", logger="mtrec.scoring.rank"):
+        got = scorer.grid(u, i, slice(0, 20), cand[:20])
+    assert scorer._traced is None
+    assert "eagerly" in caplog.text
+    for t in expected:
+        torch.testing.assert_close(got[t], expected[t])
