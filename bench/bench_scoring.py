@@ -82,7 +82,8 @@ def _score(home: str, threads: int, queue) -> None:
 
 def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue, sync=None) -> None:
     """The champion's forward alone on pre-built tensors: the user side of one chunk of users of the first scenario,
-    then their pairs on the stage's own candidate grid, in the stage's blocks (no features, no encoding, no
+    then their pairs on the stage's own candidate grid, in the stage's blocks, through the stage's entry point
+    (`Scorer.grid_blocks`: the traced grid in a compiled loop over the blocks) (no features, no encoding, no
     candidates, no top-K, no I/O; the item side, computed once per scenario, is left out). `sync` (lock, barrier):
     processes running side by side build their tensors one at a time (one process may open the warehouse), then
     start the clock together."""
@@ -123,8 +124,10 @@ def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue, sync
     order, cut = pair_blocks(valid)
     cand, valid = cand[order], valid[order]
     batch = {key: v[order] for key, v in batch.items()}  # users in block order, as the stage has them
-    blocks = [(rows, cand[rows, :w], int(valid[rows, :w].sum())) for rows, w in cut]
+    n_valid = int(valid.sum())
     model = scorer.art.model.eval()
+    with torch.no_grad():  # the trace (made on the stage's first block) before the clock
+        scorer.grid_blocks({**model.user_side(batch, text), "_scenario": batch["scenario"]}, i, cand, cut[:1])
     if sync:
         wh.close()
         sync[0].release()
@@ -135,9 +138,8 @@ def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue, sync
         with torch.no_grad():
             while done < target:
                 u = {**model.user_side(batch, text), "_scenario": batch["scenario"]}
-                for rows, c, n in blocks:
-                    scorer.grid(u, i, rows, c)
-                    done += n
+                scorer.grid_blocks(u, i, cand, cut)  # as the stage scores a chunk
+                done += n_valid
         return done
 
     t = time.perf_counter()

@@ -57,6 +57,19 @@ class Scorer:
         """{task: [len(rows), C]} for users u[rows] (indices or a slice) and candidate item indices [len(rows), C]."""
         raise NotImplementedError
 
+    def grid_blocks(self, u: dict, i: dict, cand: torch.Tensor,
+                    blocks: list[tuple[slice, int]]) -> dict[str, torch.Tensor]:
+        """{task: [U, W]} probabilities of users u (in `pair_blocks` order) x cand [U, W], scored block by block
+        (rows, width); past a block's width the grid is not written (those pairs are not valid)."""
+        probs: dict[str, torch.Tensor] = {}
+        for rows, w in blocks:
+            p = self.grid(u, i, rows, cand[rows, :w])
+            for t in self.tasks:
+                if t not in probs:
+                    probs[t] = torch.empty(cand.shape, device=p[t].device)
+                probs[t][rows, :w] = p[t]
+        return probs
+
 
 def model_grid(model, u: dict, i: dict, scenario: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
     """u per user [B, ...], i per candidate [B, C, ...]. Models with a `grid` method score the grid without
@@ -85,6 +98,32 @@ class PairGrid(torch.nn.Module):
         return model_grid(self.model, u, ig, scenario, text)
 
 
+class BlockLoop(torch.nn.Module):
+    """`Scorer.grid_blocks` in TorchScript around the traced pair grid: a whole chunk's blocks run in the
+    interpreter, which holds no GIL, so a lane takes the GIL once per chunk instead of once per block."""
+
+    def __init__(self, pairs, tasks: list[str]) -> None:
+        super().__init__()
+        self.pairs = pairs
+        self.tasks = tasks
+
+    def forward(self, u: dict[str, torch.Tensor], i: dict[str, torch.Tensor], scenario: torch.Tensor,
+                cand: torch.Tensor, text: torch.Tensor, starts: list[int], stops: list[int],
+                widths: list[int]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for t in self.tasks:
+            out[t] = torch.empty(cand.shape, dtype=torch.float32, device=cand.device)
+        for k in range(len(starts)):
+            a, b, w = starts[k], stops[k], widths[k]
+            ub: dict[str, torch.Tensor] = {}
+            for key, v in u.items():
+                ub[key] = v[a:b]
+            p = self.pairs(ub, i, scenario[a:b], cand[a:b, :w], text)
+            for t in self.tasks:
+                out[t][a:b, :w] = p[t]
+        return out
+
+
 TRACE_TOLERANCE = 1e-5  # largest difference between traced and eager probabilities accepted
 
 
@@ -101,6 +140,7 @@ class ModelScorer(Scorer):
         self._text: torch.Tensor | None = None
         self._pairs = PairGrid(self.art.model)
         self._traced = None  # the traced PairGrid once made
+        self._loop = None  # BlockLoop around it, scripted
         self._trace = trace and bool(getattr(self.art.model, "traceable", False))
         self._trace_lock = threading.Lock()
 
@@ -130,6 +170,18 @@ class ModelScorer(Scorer):
             self._make_trace(args)
         return (self._traced if self._traced is not None else self._pairs)(*args)
 
+    @torch.no_grad()
+    def grid_blocks(self, u, i, cand, blocks):
+        if self._trace and self._traced is None and blocks:
+            rows, w = blocks[0]
+            self._make_trace(({k: v[rows] for k, v in u.items() if not k.startswith("_")}, i, u["_scenario"][rows],
+                              cand[rows, :w].to(self.device), self._text))
+        if self._loop is None:
+            return super().grid_blocks(u, i, cand, blocks)
+        return self._loop({k: v for k, v in u.items() if not k.startswith("_")}, i, u["_scenario"],
+                          cand.to(self.device), self._text, [r.start for r, _ in blocks],
+                          [r.stop for r, _ in blocks], [w for _, w in blocks])
+
     def _make_trace(self, args) -> None:
         with self._trace_lock:  # the first blocks of several lanes arrive together: one trace
             if self._traced is not None or not self._trace:
@@ -153,6 +205,10 @@ class ModelScorer(Scorer):
                 self._trace = False
                 return
             self._traced = traced
+            try:
+                self._loop = torch.jit.script(BlockLoop(traced, list(self.tasks)))
+            except Exception as e:  # noqa: BLE001 - blocks are then looped over in Python
+                log.warning("scoring %s: the block loop could not be compiled (%s)", self.version, e)
 
 
 class PopularityScorer(Scorer):
@@ -365,13 +421,7 @@ def _score_grid(scorer: Scorer, u_side: dict, i_side: dict, cand: torch.Tensor, 
     the pairs are scored block by block into one grid of probabilities per task (on the scorer's device), then
     fused and ranked for the whole chunk at once."""
     n_users, width = cand.shape
-    probs: dict[str, torch.Tensor] = {}
-    for rows, w in blocks:
-        p = scorer.grid(u_side, i_side, rows, cand[rows, :w])
-        for t in scorer.tasks:
-            if t not in probs:  # past a block's width the grid is never written: those pairs are not valid
-                probs[t] = torch.empty((n_users, width), device=p[t].device)
-            probs[t][rows, :w] = p[t]
+    probs = scorer.grid_blocks(u_side, i_side, cand, blocks)
     kk = min(k, width)
     top_s = torch.full((n_users, k), float("-inf"))
     top_i = torch.zeros((n_users, k), dtype=torch.long)
