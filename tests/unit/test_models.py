@@ -252,6 +252,15 @@ def test_traced_pair_grid_equals_eager(tmp_path, tables, name):
             torch.testing.assert_close(a[t], b[t], atol=1e-6, rtol=1e-5)
     assert (traced._traced is not None) == (name != "single_task")  # single_task routes rows per scenario
     assert eager._traced is None
+    # a whole chunk's blocks in the compiled loop (what the stage calls) = the eager loop; past a block's
+    # width the grid is not written
+    blocks = [(slice(0, 10), 40), (slice(10, 100), 25), (slice(100, 300), 3)]
+    a, b = traced.grid_blocks(u, i, cand, blocks), eager.grid_blocks(u, i, cand, blocks)
+    assert (traced._loop is not None) == (name != "single_task")
+    for t in a:
+        assert a[t].shape == b[t].shape == cand.shape
+        for rows, width in blocks:
+            torch.testing.assert_close(a[t][rows, :width], b[t][rows, :width], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("failure", ["cannot trace", "traces wrong"])
