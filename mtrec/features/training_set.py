@@ -147,6 +147,17 @@ def load_item_embeddings(cfg: MtrecConfig, wh: Warehouse | None = None,
                           encoder_id=cfg.text_encoder.name_or_path)
 
 
+def _join_side(frame: pd.DataFrame, got: pd.DataFrame, on: list[str]) -> pd.DataFrame:
+    """frame left-joined with a side's features on `on` (id, scenario, feature_time), at most one match per row.
+    When the scenario and the feature time are each one value on both sides (scoring: one scenario as of one
+    date), the join is on the id alone: the same rows, without hashing three keys per row."""
+    same = [k for k in on[1:] if len(frame) and len(got) and (frame[k] == frame[k].iat[0]).all()
+            and (got[k] == frame[k].iat[0]).all()]
+    if len(same) == len(on) - 1 and got[on[0]].is_unique:  # (pandas' own check hashes the keys again)
+        return frame.merge(got.drop(columns=same), on=on[:1], how="left")
+    return frame.merge(got, on=on, how="left", validate="many_to_one")
+
+
 def _assemble(cfg: MtrecConfig, wh: Warehouse, rows: pd.DataFrame, *, sides: tuple[str, ...] = ("user", "item"),
               prefetched: dict[str, pd.DataFrame] | None = None, store=None,
               embeddings: ItemEmbeddings | None = None, sequences: bool = True) -> FeatureTable:
@@ -166,7 +177,7 @@ def _assemble(cfg: MtrecConfig, wh: Warehouse, rows: pd.DataFrame, *, sides: tup
         got = (prefetched or {}).get(side)
         if got is None:
             got = _side_features(cfg, store, rows, side)
-        frame = frame.merge(got, on=keys[side], how="left", validate="many_to_one")
+        frame = _join_side(frame, got, keys[side])
     user_num = attrs["user_numeric"] + [c.split(":")[1] for c in FS.service_features(store, "user")
                                          if c.startswith(FS.USER_ENGAGEMENT + ":")]
     item_num = attrs["item_numeric"] + [c.split(":")[1] for c in FS.service_features(store, "item")

@@ -206,7 +206,9 @@ class ModelScorer(Scorer):
                 return
             self._traced = traced
             try:
-                self._loop = torch.jit.script(BlockLoop(traced, list(self.tasks)))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+                    self._loop = torch.jit.script(BlockLoop(traced, list(self.tasks)))
             except Exception as e:  # noqa: BLE001 - blocks are then looped over in Python
                 log.warning("scoring %s: the block loop could not be compiled (%s)", self.version, e)
 
