@@ -4,9 +4,10 @@ Prints JSON lines: scored (user, item) pairs per second of the full score stage 
 behaviour sequences, encoding, candidates, user/item sides, pairs, top-K, Parquet; library imports timed apart)
 against the same model's forward alone on pre-built tensors (the user side, then the pairs on the stage's own
 candidate grid), on 1 thread, and on 2 cores as 2 torch threads, as 2 lanes of 1 thread (how the stage runs it)
-and as 2 processes of 1 thread; the full path is compared with the best of them (target 0.8; target 500k pairs/s on 2 CPU cores). Also
-the peak RSS of scoring N and 2N users (target under 3 GB for 200k users, and flat as the user count doubles).
-Each size is measured in `--rounds` rounds of the full path then the forward variants; medians are printed.
+and as 2 processes of 1 thread; the full path is compared with the best of them (target 0.8; target 500k pairs/s
+on 2 CPU cores). Also the peak RSS of scoring N and 2N users (target under 3 GB for 200k users, and flat as the
+user count doubles). Each size is measured in `--rounds` rounds of the full path then the forward variants;
+medians are printed.
 
     python bench/bench_scoring.py --users 20000 40000                          # quick
     python bench/bench_scoring.py --users 100000 200000 --keep /tmp/homes      # the sizes (slow to generate)

@@ -162,10 +162,14 @@ class ModelScorer(Scorer):
         b = to_device(self.encode(table), self.device)
         return self.art.model.item_side(b, self._text)
 
+    def _block(self, u, i, rows, cand) -> tuple:
+        """PairGrid's arguments for the users u[rows] and their candidates."""
+        return ({k: v[rows] for k, v in u.items() if not k.startswith("_")}, i, u["_scenario"][rows],
+                cand.to(self.device), self._text)
+
     @torch.no_grad()
     def grid(self, u, i, rows, cand):
-        args = ({k: v[rows] for k, v in u.items() if not k.startswith("_")}, i, u["_scenario"][rows],
-                cand.to(self.device), self._text)
+        args = self._block(u, i, rows, cand)
         if self._trace and self._traced is None:
             self._make_trace(args)
         return (self._traced if self._traced is not None else self._pairs)(*args)
@@ -174,8 +178,7 @@ class ModelScorer(Scorer):
     def grid_blocks(self, u, i, cand, blocks):
         if self._trace and self._traced is None and blocks:
             rows, w = blocks[0]
-            self._make_trace(({k: v[rows] for k, v in u.items() if not k.startswith("_")}, i, u["_scenario"][rows],
-                              cand[rows, :w].to(self.device), self._text))
+            self._make_trace(self._block(u, i, rows, cand[rows, :w]))
         if self._loop is None:
             return super().grid_blocks(u, i, cand, blocks)
         return self._loop({k: v for k, v in u.items() if not k.startswith("_")}, i, u["_scenario"],
