@@ -116,7 +116,7 @@ def run_suites(suites: list[Suite], data_docs_dir: Path | None = None) -> list[C
         data_docs_dir.mkdir(parents=True, exist_ok=True)
         sites["mtrec"] = {
             "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(data_docs_dir)},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(data_docs_dir.resolve())},
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         }
     # In-memory stores and no temporary docs site: nothing accumulates between runs, nothing lands in /tmp.

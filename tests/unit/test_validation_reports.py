@@ -126,3 +126,19 @@ def test_rerun_replaces_the_partition_and_index_stays_bounded(history) -> None:
     html = write_index(small, wh).read_text()
     assert html.count("<tr") == 1 + 30
     assert len(list_days(cfg, wh)) == 90
+
+
+def test_data_docs_are_built_under_a_relative_home(tmp_path, monkeypatch, caplog) -> None:
+    """The demo's home is relative (`.mtrec`); GX refuses a relative site directory, so it must be resolved."""
+    import great_expectations.expectations as gxe
+
+    from mtrec.validation.engine import Suite, run_suites
+
+    monkeypatch.chdir(tmp_path)
+    suite = Suite(name="events", frame=pd.DataFrame({"a": [1, 2, None]}), expectations=[
+        gxe.ExpectColumnValuesToNotBeNull(column="a", meta={"check": "not_null", "table": "events", "column": "a"})])
+    with caplog.at_level("WARNING"):
+        out = run_suites([suite], data_docs_dir=Path("reports") / "data_docs")
+    assert [(r.column, r.success) for r in out] == [("a", False)]
+    assert "could not build" not in caplog.text
+    assert (tmp_path / "reports" / "data_docs" / "index.html").exists()
