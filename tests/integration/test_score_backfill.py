@@ -112,6 +112,21 @@ def test_chunking_does_not_change_the_lists(world, workers):
     pd.testing.assert_frame_equal(_content(a), _content(b))
 
 
+def test_eager_scoring_gives_the_traced_lists(world):
+    """`scoring.trace` (the default) only changes how the pair network runs, not the lists."""
+    from mtrec.steps import score
+
+    cfg, _ = world
+    ds = DAYS[1]
+    traced = score.run(cfg, ds, run_id="t-traced", scenarios=["home"])
+    eager_cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"trace": False})})
+    eager = score.run(eager_cfg, ds, run_id="t-eager", scenarios=["home"])
+    a = pd.read_parquet(f"{traced.scores_dir}/home.parquet")
+    b = pd.read_parquet(f"{eager.scores_dir}/home.parquet")
+    assert len(a) > 0
+    pd.testing.assert_frame_equal(_content(a), _content(b))
+
+
 def test_fusion_weights_and_popularity_fallback(world):
     from mtrec.steps import score
 
