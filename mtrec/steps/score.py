@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 # columns that hold one value per staged file: dictionary-encoded (the others are not worth their dictionary)
 CONSTANT_COLUMNS = ["ds", "scenario", "model_version", "run_id", "created_at"]
+PLAN_AHEAD = 2  # segments planned ahead of the one being ranked (each holds its users' input tensors)
 
 
 @dataclass
@@ -96,9 +98,10 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     from mtrec.scoring.rank import ItemContext, arrow_schema, item_context, plan_users, rank_plans, segments
 
     torch.set_num_threads(cfg.training.num_threads or 1)
-    # the Feast store is opened (registry, repo) while the model loads and the users are fetched
+    # the Feast store is opened (registry, repo, the offline store's modules) while the model loads and the users
+    # are fetched
     opening = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mtrec-score-open")
-    store_ready = opening.submit(FS.feature_store, cfg)
+    store_ready = opening.submit(FS.open_for_retrieval, cfg)
     mv, label = resolve_model(cfg, wh, ds, model)
     scorer = make_scorer(cfg, wh, mv)
     if mv is None:
@@ -122,14 +125,15 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
 
     def fetch_sequences():
         """Behaviour sequences depend on the user only: one pass for the users of every scenario, in a thread
-        started once the first segment is planned (that one fetches its own users' sequences: ranking starts
-        without waiting for everyone's, and the first item side is not slowed down by this fetch)."""
+        started with the stage, beside the first item side (the first segment fetches its own users' sequences:
+        ranking starts without waiting for everyone's; the next segments need them soon after)."""
         t = time.perf_counter()
         seq = sequence_codes(wh, cfg, [u for p in people.values() for u in p], cutoff)
         log.info("score %s: %d users' behaviour sequences in %.1f s", ds, len(seq.users), time.perf_counter() - t)
         return seq
 
-    sequences_ready: list = []  # the future of fetch_sequences
+    sequences_ready = [opening.submit(fetch_sequences)]
+    opening.shutdown(wait=False)
 
     # (scenario, its users' segment, last segment?) in order; a scenario without users or items still gets an
     # (empty) staged file
@@ -155,18 +159,19 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         return scenario, p, last
 
     def planned():
-        """Plans in order; the next one is planned (warehouse, Feast, item side) in a thread while the current
-        one is ranked (ranking uses no warehouse connection)."""
+        """Plans in order, planned (warehouse, Feast, item side) in a thread up to PLAN_AHEAD plans ahead of the
+        one being ranked (ranking uses no warehouse connection): when a scenario's last segment is handed out,
+        the next scenario's item side and first segment are already under way, so the lanes do not wait."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrec-score-plan") as planner:
-            upcoming = planner.submit(plan, *tasks[0], first=True) if tasks else None
-            for i in range(len(tasks)):
-                current = upcoming.result()
-                if i == 0:
-                    sequences_ready.append(opening.submit(fetch_sequences))
-                    opening.shutdown(wait=False)
-                if i + 1 < len(tasks):
-                    upcoming = planner.submit(plan, *tasks[i + 1])
-                yield current
+            ahead: deque = deque()
+            try:
+                for i in range(len(tasks)):
+                    while len(ahead) <= PLAN_AHEAD and i + len(ahead) < len(tasks):
+                        ahead.append(planner.submit(plan, *tasks[i + len(ahead)], first=i + len(ahead) == 0))
+                    yield ahead.popleft().result()
+            finally:  # a failure downstream: plans not started are dropped
+                for future in ahead:
+                    future.cancel()
 
     n_items: dict[str, int] = {}
     users = {scenario: len(people[scenario]) for scenario in todo}
