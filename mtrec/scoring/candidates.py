@@ -180,26 +180,36 @@ def candidate_grid(cfg: MtrecConfig, uni: Universe, seen: torch.Tensor,
     seen [U, L]: universe index of each item of the user's recent positives (-1: none or not in the universe).
     Candidates = the scenario's popular and fresh items + the user's similar items, minus seen items when
     `exclude_seen`; each row lists its candidates in universe order, then padding (index 0, valid False).
+    The common items are sorted and distinct, and so are a user's similar items: a similar item is dropped when
+    it is also common, a candidate when the user has seen it, then each row is sorted once (dropped ones last).
     """
     n_users, n_items = seen.shape[0], len(uni.items)
     common = torch.from_numpy(np.unique(np.concatenate([uni.popular, uni.fresh[uni.fresh >= 0]])).astype(np.int64))
-    parts = [common.unsqueeze(0).expand(n_users, -1)]
-    if similar is not None and seen.shape[1] and similar.k:
-        parts.append(similar.top(seen))
-    cand = torch.cat(parts, 1).sort(dim=1).values if n_items else torch.zeros((n_users, 0), dtype=torch.long)
-    invalid = cand < 0
-    invalid[:, 1:] |= cand[:, 1:] == cand[:, :-1]  # repeated (popular and similar, say)
-    if cfg.scoring.candidates.exclude_seen and seen.shape[1] and cand.shape[1]:
-        # rows are sorted: each seen item's place in its row, a hit if the candidate there is that item
-        n_cand = cand.shape[1]
-        pos = torch.searchsorted(cand, seen.contiguous()).clamp_(max=n_cand - 1)
-        hit = (cand.gather(1, pos) == seen) & (seen >= 0)
-        seen_cand = torch.zeros((n_users, n_cand + 1), dtype=torch.bool)  # + a column for the misses
-        seen_cand.scatter_(1, torch.where(hit, pos, n_cand), True)
-        invalid |= seen_cand[:, :n_cand]
-    counts = (~invalid).sum(1)
-    width = max(int(counts.max()) if n_users and cand.shape[1] else 0, 1)
-    order = torch.argsort(cand + invalid.long() * (n_items + 1), dim=1)[:, :width]
-    cand = cand.gather(1, order) if cand.shape[1] else torch.zeros((n_users, width), dtype=torch.long)
+    exclude = cfg.scoring.candidates.exclude_seen and seen.shape[1] > 0 and n_items > 0
+    seen_mask = None
+    if exclude:  # [U, I + 1]: the items each user has seen (the last column collects the -1s)
+        seen_mask = torch.zeros((n_users, n_items + 1), dtype=torch.bool)
+        seen_mask.scatter_(1, torch.where(seen >= 0, seen, n_items), True)
+    cand = [common.unsqueeze(0).expand(n_users, -1)]
+    dropped = [seen_mask[:, common] if seen_mask is not None else torch.zeros((n_users, len(common)), dtype=torch.bool)]
+    if similar is not None and seen.shape[1] and similar.k and n_items:
+        top = similar.top(seen)  # distinct per row; -1: no profile
+        is_common = torch.zeros(n_items, dtype=torch.bool)
+        is_common[common] = True
+        drop = (top < 0) | is_common[top.clamp(min=0)]
+        if seen_mask is not None:
+            drop |= seen_mask.gather(1, top.clamp(min=0))
+        cand.append(top)
+        dropped.append(drop)
+    grid = torch.cat(cand, 1)
+    drop = torch.cat(dropped, 1)
+    counts = (~drop).sum(1)
+    width = max(int(counts.max()) if n_users and grid.shape[1] else 0, 1)
+    # one sort per row: kept candidates in universe order, the dropped ones (keyed past every item) after them
+    # (numpy's sort of short integer rows: an order of magnitude quicker than torch's here)
+    ranked = torch.from_numpy(np.sort(torch.where(drop, n_items, grid).to(torch.int32).numpy(), axis=1)[:, :width])
+    ranked = ranked.long()
     valid = torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)
-    return torch.where(valid, cand, torch.zeros_like(cand)), valid
+    if ranked.shape[1] < width:  # no candidates at all: one column of padding
+        ranked = torch.zeros((n_users, width), dtype=torch.long)
+    return torch.where(valid, ranked, torch.zeros_like(ranked)), valid

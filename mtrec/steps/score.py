@@ -186,7 +186,8 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         for scenario, table in rank_plans(cfg, ds, planned(), scorer, run_id=run_id, created_at=created,
                                           on_chunk=lambda _s, u, p: (bar.update(u), pairs.append(p))):
             if scenario not in writers:
-                writers[scenario] = pq.ParquetWriter(tmp_path(scenario), schema, use_dictionary=CONSTANT_COLUMNS)
+                writers[scenario] = pq.ParquetWriter(tmp_path(scenario), schema, use_dictionary=CONSTANT_COLUMNS,
+                                                     write_statistics=False)  # read whole by publish
             if table is not None:
                 writers[scenario].write_table(table)
                 counts[scenario] += table.num_rows
