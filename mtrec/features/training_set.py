@@ -34,6 +34,14 @@ def root_tasks(cfg: MtrecConfig) -> list[str]:
     return [t.name for t in cfg.tasks if t.depends_on is None]
 
 
+def as_utc(values: pd.Series) -> pd.Series:
+    """Timestamps as UTC. `pd.to_datetime(utc=True)` on a column that already has a time zone boxes its first
+    10,000 values into Python objects (to decide on caching) before converting: a conversion is all it needs."""
+    if isinstance(values.dtype, pd.DatetimeTZDtype):
+        return values.dt.tz_convert("UTC")
+    return pd.to_datetime(values, utc=True)
+
+
 def _retrieve(store, keys: pd.DataFrame, features: list[str]) -> pd.DataFrame:
     """get_historical_features for unique entity rows; `event_timestamp` is the cut-off instant."""
     if keys.empty or not features:
@@ -48,7 +56,7 @@ def _side_features(cfg: MtrecConfig, store, rows: pd.DataFrame, side: str) -> pd
         columns={"feature_time": "event_timestamp"}).reset_index(drop=True)
     keys[key] = keys[key].fillna("")
     got = _retrieve(store, keys, FS.service_features(store, side))
-    got["event_timestamp"] = pd.to_datetime(got["event_timestamp"], utc=True)
+    got["event_timestamp"] = as_utc(got["event_timestamp"])
     return got.rename(columns={"event_timestamp": "feature_time"})
 
 
@@ -64,7 +72,7 @@ def sequences_for(wh: Warehouse, cfg: MtrecConfig, keys: pd.DataFrame) -> np.nda
     positive = " OR ".join(f"{q(t)} = 1" for t in root_tasks(cfg))
     scratch = f"mtrec_seq_keys_{secrets.token_hex(4)}"
     k = keys[["user_id", "cutoff"]].drop_duplicates().reset_index(drop=True)
-    k["cutoff"] = pd.to_datetime(k["cutoff"], utc=True)
+    k["cutoff"] = as_utc(k["cutoff"])
     lo = (k["cutoff"].min() - pd.Timedelta(days=cfg.features.sequence_lookback_days)).date()
     hi = k["cutoff"].max().date()
     wh.create_table(S.TableSpec(scratch, {"user_id": S.TEXT, "cutoff": S.TIMESTAMP}))
@@ -87,9 +95,8 @@ def sequences_for(wh: Warehouse, cfg: MtrecConfig, keys: pd.DataFrame) -> np.nda
         pair_ids, uniques = pd.factorize(seq["user_id"])
         row_pairs = pd.Index(uniques).get_indexer(keys["user_id"])
     else:
-        seq["cutoff"] = pd.to_datetime(seq["cutoff"], utc=True)
-        index = pd.MultiIndex.from_frame(keys[["user_id", "cutoff"]].assign(cutoff=pd.to_datetime(keys["cutoff"],
-                                                                                                  utc=True)))
+        seq["cutoff"] = as_utc(seq["cutoff"])
+        index = pd.MultiIndex.from_frame(keys[["user_id", "cutoff"]].assign(cutoff=as_utc(keys["cutoff"])))
         # map each (user, cutoff) of the result to every row of `keys` with that pair
         pair_ids, uniques = pd.MultiIndex.from_frame(seq[["user_id", "cutoff"]]).factorize()
         row_pairs = uniques.get_indexer(index)
