@@ -198,7 +198,9 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
             log.info("score %s %s: %d users, %d items in the universe, %d rows", ds, scenario, users[scenario],
                      n_items.get(scenario, 0), counts[scenario])
     finally:
-        opening.shutdown(wait=False)
+        # a failure midway: the sequence fetch may still be running on the warehouse connection, which the caller
+        # closes next
+        opening.shutdown(wait=True, cancel_futures=True)
         bar.close()
         for scenario, writer in writers.items():  # a failure midway: no partial file is left behind
             writer.close()
