@@ -110,7 +110,9 @@ class SimilarItems:
     SIMILARITY_TABLE_ITEMS items the item x item table is computed once per scenario (items without a title and
     the padding to whole groups of `_top_indices` hold -inf, so no mask is applied per user) and a user's scores
     are an embedding bag over its rows (L x I additions per user instead of D x I multiply-adds); above that, the
-    summed vectors are multiplied by the universe matrix.
+    summed vectors are multiplied by the universe matrix. With the table, each item's own nearest items are
+    ranked once too: a user whose titled positives are all one item (a quarter of the generated data's users) takes
+    that item's list (the same items as the bag, up to ties).
     """
 
     def __init__(self, vectors: torch.Tensor, has_vector: torch.Tensor, k: int) -> None:
@@ -122,6 +124,7 @@ class SimilarItems:
         if n <= SIMILARITY_TABLE_ITEMS:
             self.table = torch.full((n, -(-n // TOP_GROUP) * TOP_GROUP), float("-inf"))
             self.table[:, :n] = torch.where(has_vector, self.vectors @ self.vectors.T, float("-inf"))
+        self.item_top = _top_indices(self.table, self.k) if self.table is not None and self.k else None
 
     def top(self, seen: torch.Tensor) -> torch.Tensor:
         """seen [U, L] universe indices (-1: none) -> [U, k] nearest items (in no particular order), -1 for users
@@ -129,7 +132,13 @@ class SimilarItems:
         ok = seen >= 0
         ok[ok.clone()] = self.has_vector[seen[ok]]
         top = torch.full((len(seen), self.k), -1, dtype=torch.long)
-        users = ok.any(1).nonzero().squeeze(1)  # users without a titled positive have no profile
+        rest = ok.any(1)  # users without a titled positive have no profile
+        if self.item_top is not None:
+            hi = torch.where(ok, seen, -1).amax(1)
+            single = rest & (hi == torch.where(ok, seen, len(self.has_vector)).amin(1))  # one item, maybe repeated
+            top[single] = self.item_top[hi[single]]
+            rest &= ~single
+        users = rest.nonzero().squeeze(1)
         for r in range(0, len(users), SIMILARITY_ROWS):  # a block of users' scores stays in cache for top-k
             rows = users[r:r + SIMILARITY_ROWS]
             # bags of the positives only (sequences are mostly padding): offsets into the flat list

@@ -95,3 +95,25 @@ def test_top_indices_equals_torch_topk(n):
     got = C._top_indices(x, 30).sort(1).values
     want = torch.topk(x, 30, dim=1).indices.sort(1).values
     assert torch.equal(got, want)
+
+
+def test_users_with_one_positive_item_take_its_own_list(monkeypatch):
+    """One titled item (alone, repeated, or beside untitled and out-of-universe positives) gives the item's own
+    precomputed list; it must be what the matrix path (no table, no per-item lists) ranks for that user."""
+    cfg = load_config(environ={}, overrides={"scoring": {"candidates": {"similar": 20}}})
+    uni, emb, _ = _world(seed=3)
+    has = C.item_vectors(emb, uni.items)[1]
+    titled = has.nonzero().squeeze(1)
+    untitled = int((~has).nonzero()[0])
+    a, b = int(titled[0]), int(titled[5])
+    seen = torch.tensor([[a, -1, -1], [a, a, -1], [-1, a, untitled], [a, b, -1], [-1, -1, -1]])
+    with_table = C.similar_items(cfg, emb, uni.items)
+    assert with_table.item_top is not None
+    monkeypatch.setattr(C, "SIMILARITY_TABLE_ITEMS", 10)
+    without = C.similar_items(cfg, emb, uni.items)
+    assert without.table is None and without.item_top is None
+    got, want = with_table.top(seen).sort(1).values, without.top(seen).sort(1).values
+    assert torch.equal(got, want)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])  # the same item: the same list
+    assert not torch.equal(got[0], got[3])  # two items: their bag
+    assert bool((got[4] == -1).all())  # no profile
