@@ -208,8 +208,10 @@ def _assemble(cfg: MtrecConfig, wh: Warehouse, rows: pd.DataFrame, *, sides: tup
         feature_service=FS.FEATURE_SERVICE)
 
 
-def retrieve_side(cfg: MtrecConfig, ds: dt.date, side: str, ids: list[str], scenario: str, store=None) -> pd.DataFrame:
-    """One Feast retrieval of a side's features as of the end of ds for many ids (scoring prefetch)."""
+def retrieve_side(cfg: MtrecConfig, ds: dt.date, side: str, ids: list[str], scenario: str | list[str],
+                  store=None) -> pd.DataFrame:
+    """One Feast retrieval of a side's features as of the end of ds for many ids (scoring prefetch), in one
+    scenario or in the scenario given per id."""
     key = "user_id" if side == "user" else "item_id"
     rows = pd.DataFrame({key: ids, "scenario": scenario, "feature_time": pd.Timestamp(end_of_day(ds))})
     return _side_features(cfg, store or FS.feature_store(cfg), rows, side)

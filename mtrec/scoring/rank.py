@@ -27,7 +27,7 @@ from mtrec import schema as S
 from mtrec.config import MtrecConfig
 from mtrec.features.frame import ItemEmbeddings
 from mtrec.features.training_set import SequenceCodes, build_scoring_table
-from mtrec.scoring.candidates import SimilarItems, Universe, candidate_grid, similar_items
+from mtrec.scoring.candidates import SimilarItems, Universe, candidate_grid, similar_items, universe
 from mtrec.training.encoding import to_device
 from mtrec.warehouse import Warehouse
 
@@ -302,20 +302,43 @@ class ScenarioPlan:
 
 
 def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, scorer: Scorer, *,
-                 store=None) -> ItemContext:
-    """The item side (once per (item, scenario)) and the similar-items table of a scenario."""
+                 store=None, features: pd.DataFrame | None = None,
+                 embeddings: ItemEmbeddings | None = None) -> ItemContext:
+    """The item side (once per (item, scenario)) and the similar-items table of a scenario. `features`: the
+    universe's item-side features already retrieved; `embeddings`: the title embeddings already loaded."""
     from mtrec.features import store as FS
     from mtrec.features.training_set import load_item_embeddings
 
     store = store or FS.feature_store(cfg)
-    embeddings = load_item_embeddings(cfg, wh)  # once per scenario, shared by every chunk
+    embeddings = embeddings if embeddings is not None else load_item_embeddings(cfg, wh)
     item_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
         {"user_id": "", "scenario": uni.scenario, "item_id": uni.items}), sides=("item",), store=store,
-        embeddings=embeddings)
+        prefetched=None if features is None else {"item": features}, embeddings=embeddings)
     return ItemContext(uni=uni, i_side=scorer.items(item_table, uni), similar=similar_items(cfg, embeddings, uni.items),
                        embeddings=embeddings, weights=cfg.fusion_weights(uni.scenario),
                        item_index=pd.Index(uni.items), item_ids=pa.array(uni.items, type=pa.string()),
                        chunk=cfg.scoring.batch_users)
+
+
+def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[str], scorer: Scorer, *,
+                  store=None) -> Iterator[tuple[Universe, ItemContext | None]]:
+    """(universe, item context or None when it has no items) of each scenario in order, built as they are asked
+    for. The universes come first, then their items' features in one Feast retrieval (each retrieval pays a
+    fixed cost) and the title embeddings, loaded once for all."""
+    from mtrec.features import store as FS
+    from mtrec.features.training_set import load_item_embeddings, retrieve_side
+
+    store = store or FS.feature_store(cfg)
+    unis = [universe(wh, cfg, ds, scenario) for scenario in scenarios]
+    ids = [i for uni in unis for i in uni.items]
+    if not ids:
+        yield from ((uni, None) for uni in unis)
+        return
+    got = retrieve_side(cfg, ds, "item", ids, [uni.scenario for uni in unis for _ in uni.items], store=store)
+    embeddings = load_item_embeddings(cfg, wh)
+    for uni in unis:
+        yield uni, item_context(cfg, wh, ds, uni, scorer, store=store, embeddings=embeddings,
+                                features=got[got["scenario"] == uni.scenario]) if uni.items else None
 
 
 def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext, users: list[str], scorer: Scorer,

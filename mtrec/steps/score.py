@@ -94,8 +94,8 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     from mtrec.data.raw import end_of_day, known_scenarios
     from mtrec.features import store as FS
     from mtrec.features.training_set import sequence_codes
-    from mtrec.scoring.candidates import active_users, universe
-    from mtrec.scoring.rank import ItemContext, arrow_schema, item_context, plan_users, rank_plans, segments
+    from mtrec.scoring.candidates import active_users
+    from mtrec.scoring.rank import ItemContext, arrow_schema, item_contexts, plan_users, rank_plans, segments
 
     torch.set_num_threads(cfg.training.num_threads or 1)
     # the Feast store is opened (registry, repo, the offline store's modules) while the model loads and the users
@@ -140,16 +140,17 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     # (the very first segment only as large as the lanes take at once: ranking starts sooner)
     tasks = [(scenario, part, i == len(parts) - 1) for n, scenario in enumerate(todo)
              for parts in [segments(cfg, people[scenario], first=n == 0) or [[]]] for i, part in enumerate(parts)]
-    contexts: dict[str, ItemContext] = {}
+    contexts: dict[str, ItemContext | None] = {}
+    scenario_items: list = []  # the item_contexts generator, made by the first plan
 
     def plan(scenario: str, part: list[str], last: bool, first: bool = False):
         t = time.perf_counter()
         if scenario not in contexts:  # the item side once per scenario (tasks run in order, in one thread)
+            if not scenario_items:
+                scenario_items.append(item_contexts(cfg, wh, ds, todo, scorer, store=store_ready.result()))
             contexts.clear()
-            uni = universe(wh, cfg, ds, scenario)
+            uni, contexts[scenario] = next(scenario_items[0])
             n_items[scenario] = len(uni.items)
-            contexts[scenario] = item_context(cfg, wh, ds, uni, scorer, store=store_ready.result()) \
-                if uni.items else None
         items = contexts[scenario]
         p = None
         if items and part:
