@@ -1,8 +1,8 @@
 """Batched top-K ranking: item side once per (item, scenario), user side once per (user, scenario), pairs in blocks.
 
-Memory is bounded by the feature segment (`scoring.retrieval_users`), the user chunk (`scoring.batch_users`, times
-`scoring.workers` in flight) and the pair block, never by the number of users: rows are streamed to Parquet as
-chunks finish.
+Memory is bounded by the feature segment (`scoring.retrieval_users`; the stage plans up to two ahead of the one
+being ranked), the user chunk (`scoring.batch_users`, times `scoring.workers` in flight) and the pair block, never by
+the number of users: rows are streamed to Parquet as chunks finish.
 """
 
 from __future__ import annotations
