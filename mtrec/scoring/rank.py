@@ -42,8 +42,9 @@ class Scorer:
     version: str
     tasks: list[str]
 
-    def encode(self, table) -> dict[str, torch.Tensor]:
-        """Input tensors of the users of a feature table (CPU), sliced per chunk by `user_side`."""
+    def encode(self, table, sides: tuple[str, ...] = ("user", "item")) -> dict[str, torch.Tensor]:
+        """Input tensors of a feature table's rows (CPU), of one side or both (the users' are sliced per chunk by
+        `user_side`)."""
         raise NotImplementedError
 
     def user_side(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -144,8 +145,8 @@ class ModelScorer(Scorer):
         self._trace = trace and bool(getattr(self.art.model, "traceable", False))
         self._trace_lock = threading.Lock()
 
-    def encode(self, table) -> dict[str, torch.Tensor]:
-        tensors, text = self.art.encoder.transform(table, labels=False)
+    def encode(self, table, sides: tuple[str, ...] = ("user", "item")) -> dict[str, torch.Tensor]:
+        tensors, text = self.art.encoder.transform(table, labels=False, sides=sides)
         if self._text is None or self._text.shape != text.shape:  # the same title matrix for every chunk
             self._text = text.to(self.device)
         return tensors
@@ -159,7 +160,7 @@ class ModelScorer(Scorer):
     @torch.no_grad()
     def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
         self.art.model.eval()
-        b = to_device(self.encode(table), self.device)
+        b = to_device(self.encode(table, sides=("item",)), self.device)
         return self.art.model.item_side(b, self._text)
 
     def _block(self, u, i, rows, cand) -> tuple:
@@ -224,7 +225,7 @@ class PopularityScorer(Scorer):
     def __init__(self, tasks: list[str]) -> None:
         self.tasks = tasks
 
-    def encode(self, table) -> dict[str, torch.Tensor]:
+    def encode(self, table, sides: tuple[str, ...] = ("user", "item")) -> dict[str, torch.Tensor]:
         return {}
 
     def user_side(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -358,7 +359,8 @@ def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext,
     seq = sequences.rows(users)  # codes: each distinct item is looked up once, not once per position
     seen = torch.from_numpy(items.item_index.get_indexer(pd.Index(seq.items))[seq.codes].astype(np.int64)) \
         if seq.codes.size else torch.full((len(users), 0), -1, dtype=torch.long)
-    return ScenarioPlan(items=items, users=users, batch=scorer.encode(replace(user_rows, sequences=seq)), seen=seen)
+    return ScenarioPlan(items=items, users=users, batch=scorer.encode(replace(user_rows, sequences=seq), sides=("user",)),
+                        seen=seen)
 
 
 def segments(cfg: MtrecConfig, users: list[str], *, first: bool = False) -> list[list[str]]:

@@ -29,14 +29,15 @@ def _vocab(values: pd.Series, min_count: int) -> list[str]:
 
 def _lookup(vocab: list[str] | pd.Index, values: Any, buckets: int = 0) -> np.ndarray:
     """Index of each value: 2 + position in the vocabulary (or 2 + hash bucket), OOV for unknown/missing."""
-    s = pd.Series(np.asarray(values, dtype=object)).astype(object)
-    missing = s.isna().to_numpy() | (s.astype(str) == "").to_numpy()
+    s = pd.Series(np.asarray(values, dtype=object))
+    text = s.astype(str)
+    missing = s.isna().to_numpy() | (text == "").to_numpy()
     if buckets > 0:
-        h = pd.util.hash_array(s.astype(str).to_numpy(dtype=object), categorize=False)
+        h = pd.util.hash_array(text.to_numpy(dtype=object), categorize=False)
         idx = 2 + (h % np.uint64(buckets)).astype(np.int64)
     else:
         index = vocab if isinstance(vocab, pd.Index) else pd.Index(vocab)
-        pos = index.get_indexer(s.astype(str))
+        pos = index.get_indexer(text)
         idx = np.where(pos >= 0, pos + 2, OOV).astype(np.int64)
     idx[missing] = OOV
     return idx
@@ -145,8 +146,10 @@ class FeatureEncoder:
         mat = np.concatenate([emb.vectors.astype(np.float32), np.zeros((1, emb.dim), np.float32)])
         return torch.from_numpy(mat), np.array(emb.item_ids, dtype=object)
 
-    def transform(self, table, *, labels: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Tensors for every row (ids int32 to halve memory; converted per batch) and the text matrix."""
+    def transform(self, table, *, labels: bool = True,
+                  sides: tuple[str, ...] = ("user", "item")) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Tensors for every row (ids int32 to halve memory; converted per batch) and the text matrix. `sides`:
+        only the user or only the item inputs (scoring encodes users and items apart; "scenario" is always there)."""
         f = table.frame
         if table.item_embeddings is not None and self.text_dim and table.item_embeddings.dim != self.text_dim:
             raise ModelError(f"text embeddings have {table.item_embeddings.dim} dims, the model expects "
@@ -160,18 +163,15 @@ class FeatureEncoder:
             pos = table.item_embeddings.index_of(pd.Series(item_ids.ravel())).reshape(item_ids.shape)
             return np.where(pos >= 0, pos, n_text)
 
-        items = f["item_id"].to_numpy(dtype=object)
-        out = {
-            "user": self.ids("user_id", f["user_id"].to_numpy(dtype=object)),
-            "item": self.ids("item_id", items),
-            "scenario": self.scenario_index(f["scenario"].astype(str).to_numpy(dtype=object)),
-            "user_cat": self._cats(f, self.user_categorical),
-            "item_cat": self._cats(f, self.item_categorical),
-            "user_num": self._numeric(f, self.user_numeric),
-            "item_num": self._numeric(f, self.item_numeric),
-            "text": text_idx(items),
-        }
-        L = self.sequence_length
+        out = {"scenario": self.scenario_index(f["scenario"].astype(str).to_numpy(dtype=object))}
+        if "user" in sides:
+            out.update(user=self.ids("user_id", f["user_id"].to_numpy(dtype=object)),
+                       user_cat=self._cats(f, self.user_categorical), user_num=self._numeric(f, self.user_numeric))
+        if "item" in sides:
+            items = f["item_id"].to_numpy(dtype=object)
+            out.update(item=self.ids("item_id", items), item_cat=self._cats(f, self.item_categorical),
+                       item_num=self._numeric(f, self.item_numeric), text=text_idx(items))
+        L = self.sequence_length if "user" in sides else 0
         if L:
             seq = table.sequences
             if isinstance(seq, CodedSequences):  # look the (few) distinct items up once, then index by code

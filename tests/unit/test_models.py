@@ -83,6 +83,30 @@ def test_coded_sequences_encode_as_the_item_ids(tables):
         assert int((want["seq"] == 0).sum()) > 0  # padding present and encoded the same
 
 
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_one_side_encodings_give_the_sides_of_the_full_one(tmp_path, tables, name):
+    """Scoring encodes user rows and item rows apart: each side's tensors, and the model's side computed from
+    them, equal those of the full encoding; the other side's inputs are not built."""
+    train, _ = tables
+    enc = FeatureEncoder.fit(train)
+    model = build_model(make_spec(_cfg(tmp_path), enc, name)).eval()
+    rows = train.subset(np.arange(len(train)) < 300)
+    full, text = enc.transform(rows, labels=False)
+    users, _ = enc.transform(rows, labels=False, sides=("user",))
+    items, _ = enc.transform(rows, labels=False, sides=("item",))
+    assert set(users) == {"scenario", "user", "user_cat", "user_num", "seq", "seq_text"}
+    assert set(items) == {"scenario", "item", "item_cat", "item_num", "text"}
+    for part in (users, items):
+        for k, v in part.items():
+            assert torch.equal(v, full[k]), k
+    with torch.no_grad():
+        for side, part in (("user_side", users), ("item_side", items)):
+            want, got = getattr(model, side)(full, text), getattr(model, side)(part, text)
+            assert set(want) == set(got)
+            for k in want:
+                assert torch.equal(want[k], got[k]), (side, k)
+
+
 @pytest.mark.parametrize("name", ["msmt", "mmoe"])
 def test_learns_the_signal_and_shuffled_labels_do_not(tmp_path, tables, name):
     train, holdout = tables
