@@ -111,7 +111,7 @@ class SimilarItems:
     the padding to whole groups of `_top_indices` hold -inf, so no mask is applied per user) and a user's scores
     are an embedding bag over its rows (L x I additions per user instead of D x I multiply-adds); above that, the
     summed vectors are multiplied by the universe matrix. With the table, each item's own nearest items are
-    ranked once too: a user whose titled positives are all one item (a quarter of the generated data's users) takes
+    ranked once too: a user whose titled positives are all one item (a fifth of the generated data's users) takes
     that item's list (the same items as the bag, up to ties).
     """
 
