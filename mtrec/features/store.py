@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from mtrec import schema as S
 from mtrec.config import MtrecConfig
 from mtrec.features import aggregates as A
-from mtrec.warehouse import Warehouse, q
+from mtrec.warehouse import Warehouse, as_utc, q
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def export_attributes(cfg: MtrecConfig, wh: Warehouse, attrs: Attributes) -> dic
             df = wh.query_df(f"SELECT {', '.join(q(c) for c in cols)} FROM {q(table)} ORDER BY {q(key)}, updated_at")
         else:
             df = pd.DataFrame(columns=cols)
-        df["updated_at"] = pd.to_datetime(df["updated_at"], utc=True)
+        df["updated_at"] = as_utc(df["updated_at"])
         for c in cat:
             df[c] = df[c].astype(object).where(df[c].notna(), None).map(lambda v: v if v is None else str(v))
         for c in num:
@@ -158,7 +158,7 @@ def export_attributes(cfg: MtrecConfig, wh: Warehouse, attrs: Attributes) -> dic
 
 def export_snapshot(cfg: MtrecConfig, wh: Warehouse, table: str, ds: dt.date) -> int:
     df = wh.query_df(f"SELECT * FROM {q(table)} WHERE ds = :d", {"d": ds}).drop(columns=["ds"])
-    df[A.FEATURE_TIMESTAMP] = pd.to_datetime(df[A.FEATURE_TIMESTAMP], utc=True)
+    df[A.FEATURE_TIMESTAMP] = as_utc(df[A.FEATURE_TIMESTAMP])
     write_parquet(df, data_dir(cfg) / table / f"ds={ds.isoformat()}.parquet")
     return len(df)
 

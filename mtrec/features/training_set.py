@@ -22,7 +22,7 @@ from mtrec.config import MtrecConfig
 from mtrec.data.raw import end_of_day
 from mtrec.features import store as FS
 from mtrec.features.frame import CodedSequences, FeatureTable, ItemEmbeddings
-from mtrec.warehouse import Warehouse, q
+from mtrec.warehouse import Warehouse, as_utc, q
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,6 @@ COUNT_PREFIXES = ("us_impressions_", "is_impressions_", "item_impressions_")
 def root_tasks(cfg: MtrecConfig) -> list[str]:
     """Tasks that depend on no other: a positive on any of them is 'engagement' for behaviour sequences."""
     return [t.name for t in cfg.tasks if t.depends_on is None]
-
-
-def as_utc(values: pd.Series) -> pd.Series:
-    """Timestamps as UTC. `pd.to_datetime(utc=True)` on a column that already has a time zone boxes its first
-    10,000 values into Python objects (to decide on caching) before converting: a conversion is all it needs."""
-    if isinstance(values.dtype, pd.DatetimeTZDtype):
-        return values.dt.tz_convert("UTC")
-    return pd.to_datetime(values, utc=True)
 
 
 def _retrieve(store, keys: pd.DataFrame, features: list[str]) -> pd.DataFrame:
@@ -225,7 +217,7 @@ def build_training_set(cfg: MtrecConfig, wh: Warehouse, start: dt.date, end: dt.
         f"SELECT event_id, user_id, item_id, scenario, ds, event_timestamp, {label_cols} FROM {q(S.EVENTS)} "
         f"WHERE ds BETWEEN :a AND :b ORDER BY ds, event_timestamp, event_id", {"a": start, "b": end})
     rows["ds"] = pd.to_datetime(rows["ds"]).dt.date
-    rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True)
+    rows["event_timestamp"] = as_utc(rows["event_timestamp"])
     rows["feature_time"] = pd.to_datetime(rows["ds"]).dt.tz_localize("UTC")
     log.info("training set %s..%s: %d impressions", start, end, len(rows))
     return _assemble(cfg, wh, rows)

@@ -216,8 +216,7 @@ def candidate_grid(cfg: MtrecConfig, uni: Universe, seen: torch.Tensor,
     width = max(int(counts.max()) if n_users and grid.shape[1] else 0, 1)
     # one sort per row: kept candidates in universe order, the dropped ones (keyed past every item) after them
     # (numpy's sort of short integer rows: an order of magnitude quicker than torch's here)
-    ranked = torch.from_numpy(np.sort(torch.where(drop, n_items, grid).to(torch.int32).numpy(), axis=1)[:, :width])
-    ranked = ranked.long()
+    ranked = torch.from_numpy(np.sort(torch.where(drop, n_items, grid).to(torch.int32).numpy(), axis=1)[:, :width]).long()
     valid = torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)
     if ranked.shape[1] < width:  # no candidates at all: one column of padding
         ranked = torch.zeros((n_users, width), dtype=torch.long)

@@ -302,19 +302,13 @@ class ScenarioPlan:
         return range(0, len(self.users), self.items.chunk)
 
 
-def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, scorer: Scorer, *,
-                 store=None, features: pd.DataFrame | None = None,
-                 embeddings: ItemEmbeddings | None = None) -> ItemContext:
-    """The item side (once per (item, scenario)) and the similar-items table of a scenario. `features`: the
-    universe's item-side features already retrieved; `embeddings`: the title embeddings already loaded."""
-    from mtrec.features import store as FS
-    from mtrec.features.training_set import load_item_embeddings
-
-    store = store or FS.feature_store(cfg)
-    embeddings = embeddings if embeddings is not None else load_item_embeddings(cfg, wh)
+def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, scorer: Scorer, *, store,
+                 features: pd.DataFrame, embeddings: ItemEmbeddings | None) -> ItemContext:
+    """The item side (once per (item, scenario)) and the similar-items table of a scenario, from the universe's
+    item-side features already retrieved and the title embeddings already loaded."""
     item_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
         {"user_id": "", "scenario": uni.scenario, "item_id": uni.items}), sides=("item",), store=store,
-        prefetched=None if features is None else {"item": features}, embeddings=embeddings)
+        prefetched={"item": features}, embeddings=embeddings)
     return ItemContext(uni=uni, i_side=scorer.items(item_table, uni), similar=similar_items(cfg, embeddings, uni.items),
                        embeddings=embeddings, weights=cfg.fusion_weights(uni.scenario),
                        item_index=pd.Index(uni.items), item_ids=pa.array(uni.items, type=pa.string()),

@@ -141,15 +141,15 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     tasks = [(scenario, part, i == len(parts) - 1) for n, scenario in enumerate(todo)
              for parts in [segments(cfg, people[scenario], first=n == 0) or [[]]] for i, part in enumerate(parts)]
     contexts: dict[str, ItemContext | None] = {}
-    scenario_items: list = []  # the item_contexts generator, made by the first plan
+    scenario_items = None  # item_contexts(...): its body runs in the planner thread, at the first scenario
 
     def plan(scenario: str, part: list[str], last: bool, first: bool = False):
+        nonlocal scenario_items
         t = time.perf_counter()
         if scenario not in contexts:  # the item side once per scenario (tasks run in order, in one thread)
-            if not scenario_items:
-                scenario_items.append(item_contexts(cfg, wh, ds, todo, scorer, store=store_ready.result()))
+            scenario_items = scenario_items or item_contexts(cfg, wh, ds, todo, scorer, store=store_ready.result())
             contexts.clear()
-            uni, contexts[scenario] = next(scenario_items[0])
+            uni, contexts[scenario] = next(scenario_items)
             n_items[scenario] = len(uni.items)
         items = contexts[scenario]
         p = None

@@ -5,9 +5,9 @@ from __future__ import annotations
 from mtrec.config import MtrecConfig
 from mtrec.errors import WarehouseError
 from mtrec.schema import contract_tables, recommendations_spec
-from mtrec.warehouse.base import Warehouse, q
+from mtrec.warehouse.base import Warehouse, as_utc, q
 
-__all__ = ["Warehouse", "open_warehouse", "ensure_contract_tables", "q"]
+__all__ = ["Warehouse", "as_utc", "open_warehouse", "ensure_contract_tables", "q"]
 
 
 def open_warehouse(url_or_cfg: str | MtrecConfig, *, read_only: bool = False) -> Warehouse:

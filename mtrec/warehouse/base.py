@@ -13,6 +13,14 @@ from mtrec.config import check_identifier
 from mtrec.schema import BIGINT, BOOLEAN, DATE, DOUBLE, TEXT, TIMESTAMP, TableSpec
 
 
+def as_utc(values: pd.Series) -> pd.Series:
+    """Timestamps as UTC. `pd.to_datetime(utc=True)` on a column that already has a time zone boxes its first
+    10,000 values into Python objects (to decide on caching) before converting: a conversion is all it needs."""
+    if isinstance(values.dtype, pd.DatetimeTZDtype):
+        return values.dt.tz_convert("UTC")
+    return pd.to_datetime(values, utc=True)
+
+
 def q(name: str) -> str:
     """Quote an identifier after checking it: nothing from data reaches SQL unchecked."""
     return '"' + check_identifier(name, "identifier") + '"'
@@ -104,7 +112,7 @@ def normalize_frame(df: pd.DataFrame, columns: Mapping[str, str]) -> pd.DataFram
     for col, typ in columns.items():
         s = df[col] if col in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
         if typ == TIMESTAMP:
-            s = pd.to_datetime(s, utc=True)
+            s = as_utc(s)
         elif typ == DATE:
             s = pd.to_datetime(s).dt.date.astype(object).where(s.notna(), None)
         elif typ == DOUBLE:
