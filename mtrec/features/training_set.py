@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import secrets
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,12 +35,17 @@ def root_tasks(cfg: MtrecConfig) -> list[str]:
     return [t.name for t in cfg.tasks if t.depends_on is None]
 
 
+# Feast's DuckDB offline store runs every retrieval on ibis's default connection, one per process: retrievals
+# from several threads (the score stage fetches its first users beside the item side) take turns
+RETRIEVAL_LOCK = threading.Lock()
+
+
 def _retrieve(store, keys: pd.DataFrame, features: list[str]) -> pd.DataFrame:
     """get_historical_features for unique entity rows; `event_timestamp` is the cut-off instant."""
     if keys.empty or not features:
         return keys.copy()
-    job = store.get_historical_features(entity_df=keys, features=features)
-    return job.to_df()
+    with RETRIEVAL_LOCK:
+        return store.get_historical_features(entity_df=keys, features=features).to_df()
 
 
 def _side_features(cfg: MtrecConfig, store, rows: pd.DataFrame, side: str) -> pd.DataFrame:

@@ -34,6 +34,8 @@ from mtrec.warehouse import Warehouse
 log = logging.getLogger(__name__)
 
 PAIR_CHUNK = 2048
+TAIL_SPLIT = 4  # the stage's last chunks are this many times smaller (the lanes finish together)
+WARM_UP_USERS = 64  # users of the first plan whose pairs make the trace while the lanes build their first chunks
 
 
 class Scorer:
@@ -53,6 +55,9 @@ class Scorer:
 
     def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def prepare(self, u: dict, i: dict, cand: torch.Tensor, blocks: list[tuple[slice, int]]) -> None:
+        """Make, on a few users' pairs, what the first chunk would otherwise make before scoring (the trace)."""
 
     def grid(self, u: dict, i: dict, rows: torch.Tensor | slice, cand: torch.Tensor) -> dict[str, torch.Tensor]:
         """{task: [len(rows), C]} for users u[rows] (indices or a slice) and candidate item indices [len(rows), C]."""
@@ -176,10 +181,14 @@ class ModelScorer(Scorer):
         return (self._traced if self._traced is not None else self._pairs)(*args)
 
     @torch.no_grad()
-    def grid_blocks(self, u, i, cand, blocks):
+    def prepare(self, u, i, cand, blocks):
         if self._trace and self._traced is None and blocks:
             rows, w = blocks[0]
             self._make_trace(self._block(u, i, rows, cand[rows, :w]))
+
+    @torch.no_grad()
+    def grid_blocks(self, u, i, cand, blocks):
+        self.prepare(u, i, cand, blocks)  # (already made, or being made: waits for it)
         if self._loop is None:
             return super().grid_blocks(u, i, cand, blocks)
         return self._loop({k: v for k, v in u.items() if not k.startswith("_")}, i, u["_scenario"],
@@ -296,10 +305,16 @@ class ScenarioPlan:
     users: list[str]
     batch: dict[str, torch.Tensor]
     seen: torch.Tensor  # [n_users, sequence length]
+    tail: int = 0  # the stage's last plan: lanes to even out at its end
 
-    @property
-    def starts(self) -> range:
-        return range(0, len(self.users), self.items.chunk)
+    def chunks(self) -> list[slice]:
+        """The rows of the user chunks ranked at once (`scoring.batch_users`). The stage's last plan ends in
+        chunks TAIL_SPLIT times smaller over its last `tail` chunks' worth of users, so that the lanes finish
+        together instead of one ranking a whole chunk alone."""
+        n, size = len(self.users), self.items.chunk
+        edge = max(0, n - self.tail * size)
+        cuts = [*range(0, edge, size), *range(edge, n, max(1, size // TAIL_SPLIT))]
+        return [slice(a, b) for a, b in zip(cuts, [*cuts[1:], n], strict=True)]
 
 
 def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, scorer: Scorer, *, store,
@@ -337,24 +352,27 @@ def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[
 
 
 def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext, users: list[str], scorer: Scorer,
-               sequences: SequenceCodes, *, store=None) -> ScenarioPlan:
+               sequences: SequenceCodes, *, store=None, features: pd.DataFrame | None = None,
+               tail: int = 0) -> ScenarioPlan:
     """The user-side features of a segment of a scenario's users (at most `scoring.retrieval_users`: memory does
     not grow with the number of users). `sequences`: the behaviour sequences as of the end of ds, fetched once
-    for the users of every scenario (a user's sequence does not depend on the scenario)."""
+    for the users of every scenario (a user's sequence does not depend on the scenario). `features`: the
+    segment's user-side retrieval when already made (`retrieve_side`). `tail`: see `ScenarioPlan.chunks`."""
     from mtrec.features import store as FS
     from mtrec.features.training_set import retrieve_side
 
     store = store or FS.feature_store(cfg)
     scenario = items.uni.scenario
+    if features is None:
+        features = retrieve_side(cfg, ds, "user", users, scenario, store=store)
     user_rows = build_scoring_table(cfg, wh, ds, pd.DataFrame(
         {"user_id": users, "scenario": scenario, "item_id": ""}), sides=("user",),
-        prefetched={"user": retrieve_side(cfg, ds, "user", users, scenario, store=store)}, store=store,
-        embeddings=items.embeddings, sequences=False)
+        prefetched={"user": features}, store=store, embeddings=items.embeddings, sequences=False)
     seq = sequences.rows(users)  # codes: each distinct item is looked up once, not once per position
     seen = torch.from_numpy(items.item_index.get_indexer(pd.Index(seq.items))[seq.codes].astype(np.int64)) \
         if seq.codes.size else torch.full((len(users), 0), -1, dtype=torch.long)
     return ScenarioPlan(items=items, users=users, batch=scorer.encode(replace(user_rows, sequences=seq), sides=("user",)),
-                        seen=seen)
+                        seen=seen, tail=tail)
 
 
 def segments(cfg: MtrecConfig, users: list[str], *, first: bool = False) -> list[list[str]]:
@@ -365,17 +383,33 @@ def segments(cfg: MtrecConfig, users: list[str], *, first: bool = False) -> list
     return [users[:head]] + [users[i:i + n] for i in range(head, len(users), n)] if users else []
 
 
-def _score_chunk(cfg: MtrecConfig, ds: dt.date, plan: ScenarioPlan, scorer: Scorer, start: int, *,
-                 run_id: str, created_at: dt.datetime) -> tuple[int, int, pa.Table]:
-    """(users, scored pairs, top-K rows) of the chunk of the plan's users that begins at `start`."""
+def _chunk_inputs(cfg: MtrecConfig, plan: ScenarioPlan, scorer: Scorer, rows: slice) -> tuple:
+    """(order, blocks, user side, cand, valid) of the plan's users `rows`, users in `pair_blocks` order."""
     it = plan.items
-    rows = slice(start, start + it.chunk)
-    ids = plan.users[rows]
     cand, valid = candidate_grid(cfg, it.uni, plan.seen[rows], it.similar)
     order, blocks = pair_blocks(valid)
     # the user side of the chunk's users in block order (the inputs are gathered, not the larger outputs)
-    u_side = scorer.user_side(plan.batch, order + start)
-    top = _score_grid(scorer, u_side, it.i_side, cand[order], valid[order], blocks, it.weights, cfg.scoring.top_k)
+    return order, blocks, scorer.user_side(plan.batch, order + rows.start), cand[order], valid[order]
+
+
+def warm_up(cfg: MtrecConfig, plan: ScenarioPlan, scorer: Scorer) -> None:
+    """`Scorer.prepare` on the first WARM_UP_USERS users of a plan (in a thread of its own while the lanes build
+    their first chunks: the trace is ready sooner, and no lane waits idle for another to make it). A failure
+    here is left to the lanes, which meet it again and raise it."""
+    try:
+        _, blocks, u_side, cand, _ = _chunk_inputs(cfg, plan, scorer, slice(0, min(WARM_UP_USERS, len(plan.users))))
+        scorer.prepare(u_side, plan.items.i_side, cand, blocks)
+    except Exception as e:  # noqa: BLE001 - see above
+        log.debug("scoring warm-up skipped: %s", e)
+
+
+def _score_chunk(cfg: MtrecConfig, ds: dt.date, plan: ScenarioPlan, scorer: Scorer, rows: slice, *,
+                 run_id: str, created_at: dt.datetime) -> tuple[int, int, pa.Table]:
+    """(users, scored pairs, top-K rows) of the plan's users `rows` (a chunk)."""
+    it = plan.items
+    ids = plan.users[rows]
+    order, blocks, u_side, cand, valid = _chunk_inputs(cfg, plan, scorer, rows)
+    top = _score_grid(scorer, u_side, it.i_side, cand, valid, blocks, it.weights, cfg.scoring.top_k)
     back = torch.empty_like(order)
     back[order] = torch.arange(len(order))
     top = (top[0][back], top[1][back], {t: v[back] for t, v in top[2].items()})  # back to user order
@@ -409,16 +443,24 @@ def rank_plans(cfg: MtrecConfig, ds: dt.date, plans: Iterable[tuple[str, Scenari
                 on_chunk(scenario, n_users, n_pairs)
             yield scenario, table
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mtrec-score") as pool:
-        for scenario, plan, last in plans:
-            for start in plan.starts if plan is not None else ():
-                pending.append((scenario, pool.submit(_score_chunk, cfg, ds, plan, scorer, start, run_id=run_id,
-                                                      created_at=created_at)))
+    warming = None
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mtrec-score") as pool:
+            for scenario, plan, last in plans:
+                if warming is None and plan is not None and plan.users:
+                    warming = threading.Thread(target=warm_up, args=(cfg, plan, scorer), name="mtrec-score-warm-up")
+                    warming.start()
+                for rows in plan.chunks() if plan is not None else ():
+                    pending.append((scenario, pool.submit(_score_chunk, cfg, ds, plan, scorer, rows, run_id=run_id,
+                                                          created_at=created_at)))
+                    yield from ready(False)
+                if last:
+                    pending.append((scenario, None))
                 yield from ready(False)
-            if last:
-                pending.append((scenario, None))
-            yield from ready(False)
-        yield from ready(True)
+            yield from ready(True)
+    finally:  # the warm-up ends with the stage (it is short: a few users' pairs)
+        if warming is not None:
+            warming.join()
 
 
 def pair_blocks(valid: torch.Tensor) -> tuple[torch.Tensor, list[tuple[slice, int]]]:

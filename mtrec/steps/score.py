@@ -93,9 +93,17 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
 
     from mtrec.data.raw import end_of_day, known_scenarios
     from mtrec.features import store as FS
-    from mtrec.features.training_set import sequence_codes
+    from mtrec.features.training_set import retrieve_side, sequence_codes
     from mtrec.scoring.candidates import active_users
-    from mtrec.scoring.rank import ItemContext, arrow_schema, item_contexts, plan_users, rank_plans, segments
+    from mtrec.scoring.rank import (
+        ItemContext,
+        arrow_schema,
+        item_contexts,
+        plan_users,
+        rank_plans,
+        scoring_workers,
+        segments,
+    )
 
     torch.set_num_threads(cfg.training.num_threads or 1)
     # the Feast store is opened (registry, repo, the offline store's modules) while the model loads and the users
@@ -123,27 +131,33 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
 
     cutoff = pd.Timestamp(end_of_day(ds))
 
-    def fetch_sequences():
-        """Behaviour sequences depend on the user only: one pass for the users of every scenario, in a thread
-        started with the stage, beside the first item side (the first segment fetches its own users' sequences:
-        ranking starts without waiting for everyone's; the next segments need them soon after)."""
-        t = time.perf_counter()
-        seq = sequence_codes(wh, cfg, [u for p in people.values() for u in p], cutoff)
-        log.info("score %s: %d users' behaviour sequences in %.1f s", ds, len(seq.users), time.perf_counter() - t)
-        return seq
-
-    sequences_ready = [opening.submit(fetch_sequences)]
-    opening.shutdown(wait=False)
-
     # (scenario, its users' segment, last segment?) in order; a scenario without users or items still gets an
     # (empty) staged file
     # (the very first segment only as large as the lanes take at once: ranking starts sooner)
     tasks = [(scenario, part, i == len(parts) - 1) for n, scenario in enumerate(todo)
              for parts in [segments(cfg, people[scenario], first=n == 0) or [[]]] for i, part in enumerate(parts)]
+
+    def fetch_sequences():
+        """Behaviour sequences depend on the user only: one pass for the users of every scenario, in a thread
+        started with the stage, beside the first item side (the next segments need them soon after)."""
+        t = time.perf_counter()
+        seq = sequence_codes(wh, cfg, [u for p in people.values() for u in p], cutoff)
+        log.info("score %s: %d users' behaviour sequences in %.1f s", ds, len(seq.users), time.perf_counter() - t)
+        return seq
+
+    # the first segment's own user features and sequences, fetched while the planner builds the universes and
+    # the item side (ranking starts without waiting for everyone's sequences, and the first user retrieval
+    # does not wait for the item side)
+    head_scenario, head, _ = tasks[0] if tasks else ("", [], True)
+    head_features = opening.submit(lambda: retrieve_side(cfg, ds, "user", head, head_scenario,
+                                                         store=store_ready.result()))
+    head_sequences = opening.submit(sequence_codes, wh, cfg, head, cutoff)
+    sequences_ready = opening.submit(fetch_sequences)
+    opening.shutdown(wait=False)
     contexts: dict[str, ItemContext | None] = {}
     scenario_items = None  # item_contexts(...): its body runs in the planner thread, at the first scenario
 
-    def plan(scenario: str, part: list[str], last: bool, first: bool = False):
+    def plan(scenario: str, part: list[str], last: bool, first: bool = False, final: bool = False):
         nonlocal scenario_items
         t = time.perf_counter()
         if scenario not in contexts:  # the item side once per scenario (tasks run in order, in one thread)
@@ -154,8 +168,10 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         items = contexts[scenario]
         p = None
         if items and part:
-            sequences = sequence_codes(wh, cfg, part, cutoff) if first else sequences_ready[0].result()
-            p = plan_users(cfg, wh, ds, items, part, scorer, sequences, store=store_ready.result())
+            sequences, features = (head_sequences.result(), head_features.result()) if first else \
+                (sequences_ready.result(), None)
+            p = plan_users(cfg, wh, ds, items, part, scorer, sequences, store=store_ready.result(),
+                           features=features, tail=scoring_workers(cfg) if final else 0)
         log.info("score %s %s: %d users planned in %.1f s", ds, scenario, len(part), time.perf_counter() - t)
         return scenario, p, last
 
@@ -168,7 +184,8 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
             try:
                 for i in range(len(tasks)):
                     while len(ahead) <= PLAN_AHEAD and i + len(ahead) < len(tasks):
-                        ahead.append(planner.submit(plan, *tasks[i + len(ahead)], first=i + len(ahead) == 0))
+                        k = i + len(ahead)
+                        ahead.append(planner.submit(plan, *tasks[k], first=k == 0, final=k == len(tasks) - 1))
                     yield ahead.popleft().result()
             finally:  # a failure downstream: plans not started are dropped
                 for future in ahead:

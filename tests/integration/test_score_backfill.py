@@ -194,10 +194,10 @@ def test_a_failure_midway_leaves_no_partial_staging(world, monkeypatch):
     cfg, _ = world
     real = rank._score_chunk
 
-    def flaky(cfg_, ds_, plan, scorer, start, **kw):
-        if start >= 64:
+    def flaky(cfg_, ds_, plan, scorer, rows, **kw):
+        if rows.start >= 64:
             raise RuntimeError("scoring device lost")
-        return real(cfg_, ds_, plan, scorer, start, **kw)
+        return real(cfg_, ds_, plan, scorer, rows, **kw)
 
     monkeypatch.setattr(rank, "_score_chunk", flaky)
     small = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"batch_users": 16})})
