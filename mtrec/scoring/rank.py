@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 PAIR_CHUNK = 2048
 TAIL_SPLIT = 4  # the stage's last chunks are this many times smaller (the lanes finish together)
-WARM_UP_USERS = 64  # users of the first plan whose pairs make the trace while the lanes build their first chunks
+WARM_UP_USERS = 64  # users of the first plan scored WARM_UP_RUNS times while the lanes build their first chunks
+WARM_UP_RUNS = 2  # the trace is made on the first; TorchScript profiles the second, then optimizes the graph
 
 
 class Scorer:
@@ -55,9 +56,6 @@ class Scorer:
 
     def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
         raise NotImplementedError
-
-    def prepare(self, u: dict, i: dict, cand: torch.Tensor, blocks: list[tuple[slice, int]]) -> None:
-        """Make, on a few users' pairs, what the first chunk would otherwise make before scoring (the trace)."""
 
     def grid(self, u: dict, i: dict, rows: torch.Tensor | slice, cand: torch.Tensor) -> dict[str, torch.Tensor]:
         """{task: [len(rows), C]} for users u[rows] (indices or a slice) and candidate item indices [len(rows), C]."""
@@ -181,14 +179,10 @@ class ModelScorer(Scorer):
         return (self._traced if self._traced is not None else self._pairs)(*args)
 
     @torch.no_grad()
-    def prepare(self, u, i, cand, blocks):
-        if self._trace and self._traced is None and blocks:
+    def grid_blocks(self, u, i, cand, blocks):
+        if self._trace and self._traced is None and blocks:  # (or being made by another lane: waits for it)
             rows, w = blocks[0]
             self._make_trace(self._block(u, i, rows, cand[rows, :w]))
-
-    @torch.no_grad()
-    def grid_blocks(self, u, i, cand, blocks):
-        self.prepare(u, i, cand, blocks)  # (already made, or being made: waits for it)
         if self._loop is None:
             return super().grid_blocks(u, i, cand, blocks)
         return self._loop({k: v for k, v in u.items() if not k.startswith("_")}, i, u["_scenario"],
@@ -393,12 +387,14 @@ def _chunk_inputs(cfg: MtrecConfig, plan: ScenarioPlan, scorer: Scorer, rows: sl
 
 
 def warm_up(cfg: MtrecConfig, plan: ScenarioPlan, scorer: Scorer) -> None:
-    """`Scorer.prepare` on the first WARM_UP_USERS users of a plan (in a thread of its own while the lanes build
-    their first chunks: the trace is ready sooner, and no lane waits idle for another to make it). A failure
-    here is left to the lanes, which meet it again and raise it."""
+    """Score the first WARM_UP_USERS users of a plan, WARM_UP_RUNS times, and drop the result, in a thread of its
+    own while the lanes build their first chunks: the trace and TorchScript's profiling run are made on a few
+    pairs (not on a whole chunk, while the other lane waits), so the lanes' first chunks run the optimized graph.
+    A failure here is left to the lanes, which meet it again and raise it."""
     try:
         _, blocks, u_side, cand, _ = _chunk_inputs(cfg, plan, scorer, slice(0, min(WARM_UP_USERS, len(plan.users))))
-        scorer.prepare(u_side, plan.items.i_side, cand, blocks)
+        for _ in range(WARM_UP_RUNS):
+            scorer.grid_blocks(u_side, plan.items.i_side, cand, blocks)
     except Exception as e:  # noqa: BLE001 - see above
         log.debug("scoring warm-up skipped: %s", e)
 
