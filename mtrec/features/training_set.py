@@ -58,25 +58,18 @@ def _side_features(cfg: MtrecConfig, store, rows: pd.DataFrame, side: str) -> pd
     return got.rename(columns={"event_timestamp": "feature_time"})
 
 
-def sequences_for(wh: Warehouse, cfg: MtrecConfig, keys: pd.DataFrame) -> np.ndarray:
-    """Last N engaged items strictly before each (user_id, cutoff), computed in the warehouse with a window function.
-
-    Returns an object array [len(keys), N] of item ids, most recent first, "" padding.
-    """
+def _positives(wh: Warehouse, cfg: MtrecConfig, keys: pd.DataFrame) -> pd.DataFrame:
+    """(user_id, cutoff, item_id, rn): the last N engaged items strictly before each (user_id, cutoff) of `keys`
+    (distinct, UTC cut-offs), rn 1 = the most recent, computed in the warehouse with a window function."""
     n = cfg.features.sequence_length
-    out = np.full((len(keys), max(n, 0)), "", dtype=object)
-    if n == 0 or keys.empty:
-        return out
     positive = " OR ".join(f"{q(t)} = 1" for t in root_tasks(cfg))
     scratch = f"mtrec_seq_keys_{secrets.token_hex(4)}"
-    k = keys[["user_id", "cutoff"]].drop_duplicates().reset_index(drop=True)
-    k["cutoff"] = as_utc(k["cutoff"])
-    lo = (k["cutoff"].min() - pd.Timedelta(days=cfg.features.sequence_lookback_days)).date()
-    hi = k["cutoff"].max().date()
+    lo = (keys["cutoff"].min() - pd.Timedelta(days=cfg.features.sequence_lookback_days)).date()
+    hi = keys["cutoff"].max().date()
     wh.create_table(S.TableSpec(scratch, {"user_id": S.TEXT, "cutoff": S.TIMESTAMP}))
     try:
-        wh.insert_df(scratch, k)
-        seq = wh.query_df(
+        wh.insert_df(scratch, keys)
+        return wh.query_df(
             f"SELECT user_id, cutoff, item_id, rn FROM ("
             f"  SELECT k.user_id, k.cutoff, e.item_id, row_number() OVER ("
             f"    PARTITION BY k.user_id, k.cutoff ORDER BY e.event_timestamp DESC, e.event_id DESC) AS rn"
@@ -87,6 +80,20 @@ def sequences_for(wh: Warehouse, cfg: MtrecConfig, keys: pd.DataFrame) -> np.nda
             f") s WHERE rn <= :n", {"lo": lo, "hi": hi, "n": n})
     finally:
         wh.execute(f"DROP TABLE IF EXISTS {q(scratch)}")
+
+
+def sequences_for(wh: Warehouse, cfg: MtrecConfig, keys: pd.DataFrame) -> np.ndarray:
+    """Last N engaged items strictly before each (user_id, cutoff), computed in the warehouse with a window function.
+
+    Returns an object array [len(keys), N] of item ids, most recent first, "" padding.
+    """
+    n = cfg.features.sequence_length
+    out = np.full((len(keys), max(n, 0)), "", dtype=object)
+    if n == 0 or keys.empty:
+        return out
+    k = keys[["user_id", "cutoff"]].drop_duplicates().reset_index(drop=True)
+    k["cutoff"] = as_utc(k["cutoff"])
+    seq = _positives(wh, cfg, k)
     if seq.empty:
         return out
     if len(k) == k["user_id"].nunique():  # one cutoff per user (scoring): map by user alone
@@ -120,21 +127,24 @@ class SequenceCodes:
 
 def sequence_codes(wh: Warehouse, cfg: MtrecConfig, user_ids: list[str], cutoff: pd.Timestamp,
                    batch: int = 50_000) -> SequenceCodes:
-    """`sequences_for` of every user at one cut-off, in batches of users (one warehouse query each), as codes."""
+    """`sequences_for` of every user at one cut-off, in batches of users (one warehouse query each), as codes
+    (the positives are coded as they arrive: no [users, N] array of item ids is built)."""
     users = pd.Index(list(dict.fromkeys(user_ids)))
     n = max(cfg.features.sequence_length, 0)
     codes = np.full((len(users), n), -1, np.int32)
     known = pd.Index([], dtype=object)
-    for start in range(0, len(users), batch):
+    cutoff = pd.Timestamp(cutoff)
+    cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
+    for start in range(0, len(users) if n else 0, batch):
         part = users[start:start + batch]
-        seq = sequences_for(wh, cfg, pd.DataFrame({"user_id": part, "cutoff": cutoff}))
-        flat = seq.ravel()
-        present = flat != ""
-        new = pd.Index(pd.unique(flat[present]))
+        seq = _positives(wh, cfg, pd.DataFrame({"user_id": part, "cutoff": cutoff}))
+        if seq.empty:
+            continue
+        items = seq["item_id"].to_numpy()
+        new = pd.Index(pd.unique(items))
         known = known.append(new.difference(known)) if len(known) else new
-        c = np.full(flat.shape, -1, np.int64)
-        c[present] = known.get_indexer(flat[present])
-        codes[start:start + len(part)] = c.reshape(seq.shape)
+        codes[start + part.get_indexer(seq["user_id"]), seq["rn"].to_numpy().astype(np.int64) - 1] = \
+            known.get_indexer(items)
     return SequenceCodes(users=users, codes=codes, items=np.append(known.to_numpy(dtype=object), ""))
 
 

@@ -14,7 +14,7 @@ from mtrec.data.generate import generate_into_warehouse
 from mtrec.data.raw import load_frames
 from mtrec.features import aggregates as A
 from mtrec.features import store as FS
-from mtrec.features.training_set import build_scoring_table, build_training_set
+from mtrec.features.training_set import build_scoring_table, build_training_set, sequence_codes, sequences_for
 from mtrec.steps import features
 from mtrec.warehouse import open_warehouse
 
@@ -123,6 +123,26 @@ def test_sequences_hold_only_engagements_before_the_day(built):
         earlier = ev[(ev["user_id"] == frame.at[i, "user_id"]) & (ev["event_timestamp"] < cutoff)]["item_id"]
         if frame.at[i, "item_id"] not in set(earlier):
             assert frame.at[i, "item_id"] not in set(table.sequences[i])
+
+
+def test_coded_sequences_of_many_users_equal_the_item_id_sequences(built):
+    """Scoring's coded sequences (users fetched in batches, positives coded as they arrive) decode to exactly what
+    `sequences_for` gives each user at that cut-off: order, padding, users without history, unknown and repeated
+    users, items first met in a later batch."""
+    cfg, _ = built
+    cutoff = pd.Timestamp(END, tz="UTC")
+    wh = open_warehouse(cfg)
+    try:
+        users = wh.query_df("SELECT DISTINCT user_id FROM events ORDER BY user_id")["user_id"].tolist()
+        asked = users + ["nobody", users[0]]
+        coded = sequence_codes(wh, cfg, asked, cutoff, batch=37)
+        expected = sequences_for(wh, cfg, pd.DataFrame({"user_id": asked, "cutoff": cutoff}))
+    finally:
+        wh.close()
+    got = coded.rows(asked).decode()
+    assert got.shape == expected.shape == (len(asked), cfg.features.sequence_length)
+    assert (expected != "").sum(1).max() > 1 and (expected[-2] == "").all()  # real histories, and one empty
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_embeddings_stay_a_matrix_keyed_by_item(built):
