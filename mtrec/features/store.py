@@ -319,7 +319,7 @@ def open_for_retrieval(cfg: MtrecConfig):
 def service_features(store, side: str) -> list[str]:
     """Feature references of the service for one side: 'user' (user, user x scenario) or 'item'."""
     views = {"user": (USER_ATTRS, USER_ENGAGEMENT), "item": (ITEM_ATTRS, ITEM_STATS)}[side]
-    svc = store.get_feature_service(FEATURE_SERVICE)
+    svc = store.get_feature_service(FEATURE_SERVICE, allow_cache=True)  # (the store's registry, read once)
     refs = []
     for proj in svc.feature_view_projections:
         if proj.name in views:

@@ -168,22 +168,26 @@ def _join_side(frame: pd.DataFrame, got: pd.DataFrame, on: list[str]) -> pd.Data
     date), the join is on the id alone: the same rows, without hashing three keys per row."""
     same = [k for k in on[1:] if len(frame) and len(got) and (frame[k] == frame[k].iat[0]).all()
             and (got[k] == frame[k].iat[0]).all()]
-    if len(same) == len(on) - 1 and got[on[0]].is_unique:  # (pandas' own check hashes the keys again)
-        return frame.merge(got.drop(columns=same), on=on[:1], how="left")
+    index = pd.Index(got[on[0]])
+    if len(same) == len(on) - 1 and index.is_unique:  # one hash table of the ids, checked then looked up
+        extra = got.drop(columns=on).set_axis(index, axis=0).reindex(frame[on[0]])
+        return pd.concat([frame, extra.reset_index(drop=True)], axis=1)
     return frame.merge(got, on=on, how="left", validate="many_to_one")
 
 
 def _assemble(cfg: MtrecConfig, wh: Warehouse, rows: pd.DataFrame, *, sides: tuple[str, ...] = ("user", "item"),
               prefetched: dict[str, pd.DataFrame] | None = None, store=None,
-              embeddings: ItemEmbeddings | None = None, sequences: bool = True) -> FeatureTable:
+              embeddings: ItemEmbeddings | None = None, sequences: bool = True,
+              attributes: FS.Attributes | None = None) -> FeatureTable:
     """Join user- and item-side features (as of each row's feature_time), sequences and embeddings onto rows.
 
     `sides` limits retrieval to one side (scoring builds user rows and item rows separately); `prefetched`
     holds a side's retrieval result already fetched for a superset of the keys (one Feast call per scenario
     instead of one per user chunk). Behaviour sequences are built when the user side is requested, unless
-    `sequences` is off (scoring fetches them once per stage with `sequence_codes`)."""
+    `sequences` is off (scoring fetches them once per stage with `sequence_codes`). `attributes`: the attribute
+    columns when already read (`FS.attributes`)."""
     store = store or FS.feature_store(cfg)
-    attrs = FS.attributes(cfg, wh).prefixed()
+    attrs = (attributes or FS.attributes(cfg, wh)).prefixed()
     rows = rows.reset_index(drop=True)
     rows["user_id"] = rows["user_id"].fillna("")
     frame = rows
@@ -200,7 +204,8 @@ def _assemble(cfg: MtrecConfig, wh: Warehouse, rows: pd.DataFrame, *, sides: tup
     for c in user_num + item_num:
         if c not in frame.columns:
             continue
-        frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("float64")
+        if frame[c].dtype != np.float64:
+            frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("float64")
         if c.startswith(COUNT_PREFIXES):
             frame[c] = frame[c].fillna(0.0)  # no snapshot row = no impressions in the window
     for c in attrs["user_categorical"] + attrs["item_categorical"]:
@@ -241,10 +246,11 @@ def build_training_set(cfg: MtrecConfig, wh: Warehouse, start: dt.date, end: dt.
 
 def build_scoring_table(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, pairs: pd.DataFrame, *,
                         sides: tuple[str, ...] = ("user", "item"), prefetched: dict[str, pd.DataFrame] | None = None,
-                        store=None, embeddings: ItemEmbeddings | None = None, sequences: bool = True) -> FeatureTable:
+                        store=None, embeddings: ItemEmbeddings | None = None, sequences: bool = True,
+                        attributes: FS.Attributes | None = None) -> FeatureTable:
     """(user_id, scenario, item_id) candidate pairs with features as of the end of ds (no labels)."""
     rows = pairs[["user_id", "scenario", "item_id"]].copy()
     rows["ds"] = ds
     rows["feature_time"] = pd.Timestamp(end_of_day(ds))
     return _assemble(cfg, wh, rows, sides=sides, prefetched=prefetched, store=store, embeddings=embeddings,
-                     sequences=sequences)
+                     sequences=sequences, attributes=attributes)

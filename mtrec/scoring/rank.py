@@ -26,6 +26,7 @@ import torch
 from mtrec import schema as S
 from mtrec.config import MtrecConfig
 from mtrec.features.frame import ItemEmbeddings
+from mtrec.features.store import Attributes
 from mtrec.features.training_set import SequenceCodes, build_scoring_table
 from mtrec.scoring.candidates import SimilarItems, Universe, candidate_grid, similar_items, universe
 from mtrec.training.encoding import to_device
@@ -287,6 +288,7 @@ class ItemContext:
     item_index: pd.Index
     item_ids: pa.Array
     chunk: int
+    attributes: Attributes  # the attribute columns, read once per stage
 
 
 @dataclass
@@ -312,16 +314,16 @@ class ScenarioPlan:
 
 
 def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, scorer: Scorer, *, store,
-                 features: pd.DataFrame, embeddings: ItemEmbeddings | None) -> ItemContext:
+                 features: pd.DataFrame, embeddings: ItemEmbeddings | None, attributes: Attributes) -> ItemContext:
     """The item side (once per (item, scenario)) and the similar-items table of a scenario, from the universe's
-    item-side features already retrieved and the title embeddings already loaded."""
+    item-side features already retrieved and the title embeddings and attribute columns already loaded."""
     item_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
         {"user_id": "", "scenario": uni.scenario, "item_id": uni.items}), sides=("item",), store=store,
-        prefetched={"item": features}, embeddings=embeddings)
+        prefetched={"item": features}, embeddings=embeddings, attributes=attributes)
     return ItemContext(uni=uni, i_side=scorer.items(item_table, uni), similar=similar_items(cfg, embeddings, uni.items),
                        embeddings=embeddings, weights=cfg.fusion_weights(uni.scenario),
                        item_index=pd.Index(uni.items), item_ids=pa.array(uni.items, type=pa.string()),
-                       chunk=cfg.scoring.batch_users)
+                       chunk=cfg.scoring.batch_users, attributes=attributes)
 
 
 def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[str], scorer: Scorer, *,
@@ -340,8 +342,9 @@ def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[
         return
     got = retrieve_side(cfg, ds, "item", ids, [uni.scenario for uni in unis for _ in uni.items], store=store)
     embeddings = load_item_embeddings(cfg, wh)
+    attributes = FS.attributes(cfg, wh)
     for uni in unis:
-        yield uni, item_context(cfg, wh, ds, uni, scorer, store=store, embeddings=embeddings,
+        yield uni, item_context(cfg, wh, ds, uni, scorer, store=store, embeddings=embeddings, attributes=attributes,
                                 features=got[got["scenario"] == uni.scenario]) if uni.items else None
 
 
@@ -361,7 +364,8 @@ def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext,
         features = retrieve_side(cfg, ds, "user", users, scenario, store=store)
     user_rows = build_scoring_table(cfg, wh, ds, pd.DataFrame(
         {"user_id": users, "scenario": scenario, "item_id": ""}), sides=("user",),
-        prefetched={"user": features}, store=store, embeddings=items.embeddings, sequences=False)
+        prefetched={"user": features}, store=store, embeddings=items.embeddings, sequences=False,
+        attributes=items.attributes)
     seq = sequences.rows(users)  # codes: each distinct item is looked up once, not once per position
     seen = torch.from_numpy(items.item_index.get_indexer(pd.Index(seq.items))[seq.codes].astype(np.int64)) \
         if seq.codes.size else torch.full((len(users), 0), -1, dtype=torch.long)
