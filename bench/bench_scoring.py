@@ -196,7 +196,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the stage (its default is 1)")
     ap.add_argument("--home", help="score an existing bench home (as left by --keep) instead of generating one")
     ap.add_argument("--keep", help="generate into this directory (one home per user count) and keep it")
-    ap.add_argument("--rounds", type=int, default=3, help="full path + forward measurements per size (medians)")
+    ap.add_argument("--rounds", type=int, default=5, help="full path + forward measurements per size (medians; the "
+                    "machine's speed drifts by 10-20%% within minutes here)")
     args = ap.parse_args()
     rss = {}
     for n_users in args.users:
