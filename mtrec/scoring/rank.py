@@ -310,7 +310,7 @@ class ScenarioPlan:
         n, size = len(self.users), self.items.chunk
         edge = max(0, n - self.tail * size)
         cuts = [*range(0, edge, size), *range(edge, n, max(1, size // TAIL_SPLIT))]
-        return [slice(a, b) for a, b in zip(cuts, [*cuts[1:], n], strict=True)]
+        return [slice(a, b) for a, b in zip(cuts, [*cuts[1:], n], strict=False)]  # (no users: no chunk)
 
 
 def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, scorer: Scorer, *, store,

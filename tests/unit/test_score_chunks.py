@@ -1,0 +1,83 @@
+"""The user chunks of a scoring plan: every user once, in order, at most `batch_users` per chunk; the stage's last
+plan ends in smaller chunks so the lanes finish together. The warm-up scores a few users of the first plan."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from mtrec.config import load_config
+from mtrec.scoring.candidates import Universe
+from mtrec.scoring.rank import TAIL_SPLIT, WARM_UP_RUNS, WARM_UP_USERS, ScenarioPlan, Scorer, warm_up
+
+
+def _chunks(n_users: int, size: int, tail: int) -> list[slice]:
+    plan = ScenarioPlan(items=SimpleNamespace(chunk=size), users=[f"u{i}" for i in range(n_users)], batch={},
+                        seen=torch.zeros((n_users, 0), dtype=torch.long), tail=tail)
+    return plan.chunks()
+
+
+@pytest.mark.parametrize("n_users, size, tail", [(0, 8, 2), (5, 8, 0), (5, 8, 2), (100, 8, 0), (100, 8, 2),
+                                                 (101, 16, 3), (64, 16, 2), (3, 1, 2)])
+def test_chunks_cover_every_user_once_in_order(n_users, size, tail):
+    chunks = _chunks(n_users, size, tail)
+    covered = [i for c in chunks for i in range(n_users)[c]]
+    assert covered == list(range(n_users))
+    assert all(0 < c.stop - c.start <= size for c in chunks)
+
+
+def test_only_the_last_plan_ends_in_smaller_chunks():
+    size = 16
+    assert [c.stop - c.start for c in _chunks(100, size, 0)] == [16] * 6 + [4]
+    sizes = [c.stop - c.start for c in _chunks(100, size, 2)]
+    small = size // TAIL_SPLIT
+    # whole chunks first, then the last two chunks' worth of users (32) in chunks of 4
+    assert sizes == [16] * 4 + [4] + [small] * (2 * size // small)
+    assert sum(sizes[-(2 * size // small):]) == 2 * size
+
+
+class _Recorder(Scorer):
+    """Records what the warm-up scores (users, candidate grid); fails when told to."""
+
+    tasks = ["click"]
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[int, tuple[int, ...]]] = []
+        self.fail = fail
+
+    def user_side(self, batch, rows):
+        return {"rows": rows}
+
+    def grid_blocks(self, u, i, cand, blocks):
+        if self.fail:
+            raise RuntimeError("no device")
+        self.calls.append((len(u["rows"]), tuple(cand.shape)))
+        return {}
+
+
+def _plan(n_users: int) -> ScenarioPlan:
+    uni = Universe(scenario="s", items=[f"it{i}" for i in range(40)], popular=np.arange(12),
+                   fresh=np.array([], dtype=np.int64), rates={})
+    return ScenarioPlan(items=SimpleNamespace(uni=uni, similar=None, i_side={}, chunk=16),
+                        users=[f"u{i}" for i in range(n_users)], batch={},
+                        seen=torch.full((n_users, 3), -1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("n_users", [200, 5])
+def test_warm_up_scores_the_first_few_users_of_a_plan_twice(tmp_path, n_users):
+    cfg = load_config(environ={}, overrides={"home": str(tmp_path)})
+    scorer = _Recorder()
+    warm_up(cfg, _plan(n_users), scorer)
+    few = min(WARM_UP_USERS, n_users)
+    assert scorer.calls == [(few, (few, 12))] * WARM_UP_RUNS
+
+
+def test_a_failing_warm_up_is_left_to_the_lanes(tmp_path, caplog):
+    cfg = load_config(environ={}, overrides={"home": str(tmp_path)})
+    with caplog.at_level(logging.DEBUG, logger="mtrec.scoring.rank"):
+        warm_up(cfg, _plan(10), _Recorder(fail=True))  # does not raise: the lanes meet the error and raise it
+    assert "scoring warm-up skipped: no device" in caplog.text
