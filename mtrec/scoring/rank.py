@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 PAIR_CHUNK = 2048
 TAIL_SPLIT = 4  # the stage's last chunks are this many times smaller (the lanes finish together)
+# planning a user (features, sequences, inputs) costs about a quarter of ranking it here: a segment this many times
+# the previous is planned while the previous is ranked
+RAMP = 4
 WARM_UP_USERS = 64  # users of the first plan scored WARM_UP_RUNS times while the lanes build their first chunks
 WARM_UP_RUNS = 2  # the trace is made on the first; TorchScript profiles the second, then optimizes the graph
 
@@ -374,11 +377,18 @@ def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext,
 
 
 def segments(cfg: MtrecConfig, users: list[str], *, first: bool = False) -> list[list[str]]:
-    """A scenario's users in the segments whose features are retrieved at once. `first`: the stage's first
-    segment is only as large as the chunks its lanes take at once, so that ranking starts sooner."""
+    """A scenario's users in the segments whose features are retrieved at once (`scoring.retrieval_users`).
+    `first`: the stage's first segment is only as large as the chunks its lanes take at once, so that ranking
+    starts sooner, and each next one at most RAMP times the previous, so that it is planned while the previous
+    is ranked."""
     n = cfg.scoring.retrieval_users
-    head = min(n, cfg.scoring.batch_users * scoring_workers(cfg)) if first else n
-    return [users[:head]] + [users[i:i + n] for i in range(head, len(users), n)] if users else []
+    size = min(n, cfg.scoring.batch_users * scoring_workers(cfg)) if first else n
+    out, start = [], 0
+    while start < len(users):
+        out.append(users[start:start + size])
+        start += size
+        size = min(n, size * RAMP)
+    return out
 
 
 def _chunk_inputs(cfg: MtrecConfig, plan: ScenarioPlan, scorer: Scorer, rows: slice) -> tuple:

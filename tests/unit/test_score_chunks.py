@@ -1,4 +1,4 @@
-"""The user chunks of a scoring plan: every user once, in order, at most `batch_users` per chunk; the stage's last
+"""Segments and chunks of scoring plans: every user once, in order, at most `batch_users` per chunk; the stage's last
 plan ends in smaller chunks so the lanes finish together. The warm-up scores a few users of the first plan."""
 
 from __future__ import annotations
@@ -12,7 +12,15 @@ import torch
 
 from mtrec.config import load_config
 from mtrec.scoring.candidates import Universe
-from mtrec.scoring.rank import TAIL_SPLIT, WARM_UP_RUNS, WARM_UP_USERS, ScenarioPlan, Scorer, warm_up
+from mtrec.scoring.rank import (
+    TAIL_SPLIT,
+    WARM_UP_RUNS,
+    WARM_UP_USERS,
+    ScenarioPlan,
+    Scorer,
+    segments,
+    warm_up,
+)
 
 
 def _chunks(n_users: int, size: int, tail: int) -> list[slice]:
@@ -81,3 +89,15 @@ def test_a_failing_warm_up_is_left_to_the_lanes(tmp_path, caplog):
     with caplog.at_level(logging.DEBUG, logger="mtrec.scoring.rank"):
         warm_up(cfg, _plan(10), _Recorder(fail=True))  # does not raise: the lanes meet the error and raise it
     assert "scoring warm-up skipped: no device" in caplog.text
+
+
+@pytest.mark.parametrize("n_users, first, sizes", [
+    (0, True, []), (10, True, [8, 2]), (100, False, [40, 40, 20]),
+    (100, True, [8, 32, 40, 20]),  # from the lanes' first chunks up to retrieval_users, RAMP times at a time
+])
+def test_segments_ramp_up_at_the_start_of_the_stage(tmp_path, n_users, first, sizes):
+    cfg = load_config(environ={}, overrides={"home": str(tmp_path), "scoring": {
+        "batch_users": 4, "workers": 2, "retrieval_users": 40}})
+    users = [f"u{i}" for i in range(n_users)]
+    got = segments(cfg, users, first=first)
+    assert [len(s) for s in got] == sizes and [u for s in got for u in s] == users
