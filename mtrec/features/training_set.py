@@ -40,6 +40,20 @@ def root_tasks(cfg: MtrecConfig) -> list[str]:
 RETRIEVAL_LOCK = threading.Lock()
 
 
+def set_offline_threads(cfg: MtrecConfig, n: int) -> int | None:
+    """Set the worker threads of the DuckDB connection Feast's DuckDB offline store retrieves on (ibis's default
+    backend, one per process); returns the previous setting, or None when the offline store is not DuckDB."""
+    if FS.postgres_settings(cfg) is not None:
+        return None
+    import ibis
+
+    with RETRIEVAL_LOCK:
+        con = ibis.get_backend().con
+        previous = int(con.execute("SELECT current_setting('threads')").fetchall()[0][0])
+        con.execute(f"SET threads = {max(1, int(n))}").fetchall()
+    return previous
+
+
 def _retrieve(store, keys: pd.DataFrame, features: list[str]) -> pd.DataFrame:
     """get_historical_features for unique entity rows; `event_timestamp` is the cut-off instant."""
     if keys.empty or not features:

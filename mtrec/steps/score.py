@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 # columns that hold one value per staged file: dictionary-encoded (the others are not worth their dictionary)
 CONSTANT_COLUMNS = ["ds", "scenario", "model_version", "run_id", "created_at"]
 PLAN_AHEAD = 2  # segments planned ahead of the one being ranked (each holds its users' input tensors)
+# DuckDB worker threads (warehouse and Feast's offline store) once the lanes rank: a query then runs on its caller's
+# thread alone, as the planner is ahead of the lanes; more workers would take turns with the lanes, at a cost
+LEAN_DUCKDB_THREADS = 1
 
 
 @dataclass
@@ -93,7 +96,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
 
     from mtrec.data.raw import end_of_day, known_scenarios
     from mtrec.features import store as FS
-    from mtrec.features.training_set import retrieve_side, sequence_codes
+    from mtrec.features.training_set import retrieve_side, sequence_codes, set_offline_threads
     from mtrec.scoring.candidates import active_users
     from mtrec.scoring.rank import (
         ItemContext,
@@ -155,6 +158,15 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     sequences_ready = opening.submit(fetch_sequences)
     opening.shutdown(wait=False)
     contexts: dict[str, ItemContext | None] = {}
+    duckdb_threads: dict[str, int | None] = {}  # DuckDB's settings before `go_lean`, restored at the end
+
+    def go_lean() -> None:
+        """Once the lanes rank (the second plan on), DuckDB queries run with LEAN_DUCKDB_THREADS (the start-up
+        keeps DuckDB's default: the cores are not all busy yet)."""
+        if not duckdb_threads:
+            duckdb_threads["warehouse"] = wh.set_threads(LEAN_DUCKDB_THREADS) if hasattr(wh, "set_threads") else None
+            duckdb_threads["offline"] = set_offline_threads(cfg, LEAN_DUCKDB_THREADS)
+
     scenario_items = None  # item_contexts(...): its body runs in the planner thread, at the first scenario
 
     def plan(scenario: str, part: list[str], last: bool, first: bool = False, final: bool = False):
@@ -170,6 +182,8 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         if items and part:
             sequences, features = (head_sequences.result(), head_features.result()) if first else \
                 (sequences_ready.result(), None)
+            if not first:  # (no warehouse query is left in the opening threads)
+                go_lean()
             p = plan_users(cfg, wh, ds, items, part, scorer, sequences, store=store_ready.result(),
                            features=features, tail=scoring_workers(cfg) if final else 0)
         log.info("score %s %s: %d users planned in %.1f s", ds, scenario, len(part), time.perf_counter() - t)
@@ -219,6 +233,12 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         # a failure midway: the sequence fetch may still be running on the warehouse connection, which the caller
         # closes next
         opening.shutdown(wait=True, cancel_futures=True)
+        previous = dict(duckdb_threads)
+        duckdb_threads["stage ended"] = None  # (a planner still running after a failure does not go lean)
+        if previous.get("warehouse"):
+            wh.set_threads(previous["warehouse"])
+        if previous.get("offline"):
+            set_offline_threads(cfg, previous["offline"])
         bar.close()
         for scenario, writer in writers.items():  # a failure midway: no partial file is left behind
             writer.close()

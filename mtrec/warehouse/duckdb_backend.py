@@ -165,6 +165,14 @@ class DuckDBWarehouse:
     def write_normalized(self, spec: TableSpec, df: pd.DataFrame, where: Mapping[str, Any]) -> int:
         return self.replace_partition(spec.name, normalize_frame(df, spec.columns), where)
 
+    def set_threads(self, n: int) -> int:
+        """Set DuckDB's worker threads for this database (a query also runs on its caller's thread); returns the
+        previous setting, to restore."""
+        with self._lock:
+            previous = int(self._run("SELECT current_setting('threads')").fetchall()[0][0])
+            self._run(f"SET threads = {max(1, int(n))}").fetchall()
+        return previous
+
     def close(self) -> None:
         try:
             self.con.close()

@@ -94,10 +94,15 @@ def test_score_lists_are_complete_ranked_and_exclude_seen_items(world):
 
 
 @pytest.mark.parametrize("workers", [1, 3])
-def test_chunking_does_not_change_the_lists(world, workers):
+def test_chunking_does_not_change_the_lists(world, workers, monkeypatch):
     """Memory is bounded by the user chunk and the feature segment, and chunks are scored side by side; the
-    result (rows and their order) must depend on none of them."""
+    result (rows and their order) must depend on none of them. Once the lanes rank, DuckDB's queries run on one
+    thread; the warehouse's and the offline store's settings are restored after the stage."""
+    import ibis
+
+    from mtrec.features.training_set import set_offline_threads
     from mtrec.steps import score
+    from mtrec.warehouse import open_warehouse
 
     cfg, _ = world
     ds = DAYS[1]
@@ -105,7 +110,19 @@ def test_chunking_does_not_change_the_lists(world, workers):
     big = score.run(big_cfg, ds, run_id="t-big", scenarios=["home"])
     small_cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={
         "batch_users": 16, "workers": workers, "retrieval_users": 40})})  # features fetched 40 users at a time
-    small = score.run(small_cfg, ds, run_id=f"t-small-{workers}", scenarios=["home"])
+    set_offline_threads(small_cfg, 3)  # (not this machine's default: a restore to the default would show)
+    wh = open_warehouse(small_cfg)
+    try:
+        wh.set_threads(3)
+        calls = []
+        set_threads = type(wh).set_threads
+        monkeypatch.setattr(type(wh), "set_threads", lambda self, n: calls.append(n) or set_threads(self, n))
+        small = score.run(small_cfg, ds, run_id=f"t-small-{workers}", scenarios=["home"], wh=wh)
+        assert calls == [1, 3]
+        assert wh.scalar("SELECT current_setting('threads')") == 3
+    finally:
+        wh.close()
+    assert ibis.get_backend().con.execute("SELECT current_setting('threads')").fetchall()[0][0] == 3
     a = pd.read_parquet(f"{big.scores_dir}/home.parquet")
     b = pd.read_parquet(f"{small.scores_dir}/home.parquet")
     assert a["user_id"].nunique() > 3 * 16  # several chunks
