@@ -43,6 +43,13 @@ def _lookup(vocab: list[str] | pd.Index, values: Any, buckets: int = 0) -> np.nd
     return idx
 
 
+def _lookup_few(vocab: list[str] | pd.Index, values: Any) -> np.ndarray:
+    """`_lookup` of a column with few distinct values (attributes, scenarios): each one looked up once."""
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object))  # missing values: code -1
+    idx = _lookup(vocab, uniques) if len(uniques) else np.zeros(0, np.int64)
+    return np.where(codes >= 0, idx[np.maximum(codes, 0)] if len(idx) else OOV, OOV).astype(np.int64)
+
+
 @dataclass
 class NumericStats:
     log: bool
@@ -111,12 +118,13 @@ class FeatureEncoder:
 
     # -- transforming ----------------------------------------------------------------------------------
     def ids(self, column: str, values: Any) -> np.ndarray:
-        if column in ("user_id", "item_id") and self.id_buckets > 0:
-            return _lookup([], values, self.id_buckets)
-        return _lookup(self._index.get(column, pd.Index([])), values)
+        if column in ("user_id", "item_id"):
+            return _lookup([], values, self.id_buckets) if self.id_buckets > 0 else \
+                _lookup(self._index.get(column, pd.Index([])), values)
+        return _lookup_few(self._index.get(column, pd.Index([])), values)
 
     def scenario_index(self, values: Any) -> np.ndarray:
-        return _lookup(pd.Index(self.scenarios), values)
+        return _lookup_few(pd.Index(self.scenarios), values)
 
     def _numeric(self, f: pd.DataFrame, cols: list[str]) -> np.ndarray:
         out = []

@@ -23,3 +23,46 @@ def test_preload_survives_a_missing_module(monkeypatch, caplog):
     with caplog.at_level(logging.DEBUG, logger=FS.log.name):
         FS.preload_offline_store()  # raises nothing: the first retrieval imports what it needs
     assert [r.getMessage() for r in caplog.records] == ["offline store module mtrec_no_such_module_xyz not preloaded"]
+
+
+def _apply(cfg, store, attrs):
+    """Apply the definitions of `attrs`, with a one-row Parquet file behind each source (Feast reads their schema)."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from feast import FeatureView
+
+    from mtrec.features import store as FS
+
+    types = {"String": pa.string(), "Float64": pa.float64(), "Bool": pa.bool_(), "Array(Float32)": pa.list_(pa.float32())}
+    for obj in FS.definitions(cfg, attrs):
+        if isinstance(obj, FeatureView):
+            cols = {k: pa.array(["x"]) for k in obj.join_keys}
+            cols[obj.batch_source.timestamp_field] = pa.array([dt.datetime(2026, 1, 1, tzinfo=dt.UTC)])
+            cols.update({f.name: pa.array([None], types[str(f.dtype)]) for f in obj.schema if f.name not in cols})
+            path = FS.data_dir(cfg) / obj.batch_source.path.split("/")[-2] / "x.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table(cols), path)
+    store.apply(FS.definitions(cfg, attrs))
+
+
+def test_service_features_follow_the_registry(tmp_path):
+    """The service's feature references are kept on the store between calls, until its registry changes: a
+    re-apply with another attribute column, through the same store or another one, shows at once."""
+    from mtrec.config import load_config
+    from mtrec.features import store as FS
+
+    cfg = load_config(environ={}, overrides={"home": str(tmp_path)})
+    store = FS.feature_store(cfg)
+    _apply(cfg, store, FS.Attributes(("country",), ("age",), ("genre",), ()))
+    first = FS.service_features(store, "user")
+    assert "user_attributes:u_age" in first and "user_attributes:u_tenure" not in first
+    assert FS.service_features(store, "user") == first  # (from the memo)
+    _apply(cfg, store, FS.Attributes(("country",), ("age", "tenure"), ("genre",), ()))
+    assert sorted(FS.service_features(store, "user")) == sorted(first + ["user_attributes:u_tenure"])
+    other = FS.feature_store(cfg)
+    _apply(cfg, other, FS.Attributes(("country",), ("tenure",), ("genre",), ()))
+    refs = FS.service_features(store, "user")
+    assert "user_attributes:u_tenure" in refs and "user_attributes:u_age" not in refs
+    assert FS.service_features(store, "item") == FS._service_features(other, "item")

@@ -307,3 +307,20 @@ def test_a_bad_trace_falls_back_to_eager(tmp_path, tables, monkeypatch, caplog, 
     assert "eagerly" in caplog.text
     for t in expected:
         torch.testing.assert_close(got[t], expected[t])
+
+
+def test_few_valued_lookup_equals_the_row_by_row_lookup():
+    """Attributes and scenarios are looked up once per distinct value: the same indices as a lookup of every row,
+    for missing values (None, NaN, NA, ""), values that only match once made strings, and unknown values."""
+    import pandas as pd
+
+    from mtrec.training.encoding import _lookup, _lookup_few
+
+    rng = np.random.default_rng(0)
+    values = [None, np.nan, pd.NA, "", "us", "de", 1, "1", 2.0, "x", "nan", "None"]
+    for n in (0, 1, 7, 1000):
+        v = np.array([values[i] for i in rng.integers(0, len(values), n)], dtype=object)
+        for vocab in (pd.Index(["de", "us", "1", "2.0", "None"]), pd.Index([])):
+            row_by_row, few = _lookup(vocab, v), _lookup_few(vocab, v)
+            assert few.dtype == row_by_row.dtype and few.tolist() == row_by_row.tolist()
+    assert _lookup_few(pd.Index(["de", "us"]), np.array(["us", None, "fr", "de"], dtype=object)).tolist() == [3, 1, 1, 2]
