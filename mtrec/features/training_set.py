@@ -47,11 +47,10 @@ def set_offline_threads(cfg: MtrecConfig, n: int) -> int | None:
         return None
     import ibis
 
+    from mtrec.warehouse.duckdb_backend import set_duckdb_threads
+
     with RETRIEVAL_LOCK:
-        con = ibis.get_backend().con
-        previous = int(con.execute("SELECT current_setting('threads')").fetchall()[0][0])
-        con.execute(f"SET threads = {max(1, int(n))}").fetchall()
-    return previous
+        return set_duckdb_threads(ibis.get_backend().con, n)
 
 
 def _retrieve(store, keys: pd.DataFrame, features: list[str]) -> pd.DataFrame:

@@ -35,6 +35,13 @@ def duckdb_path(url: str) -> str:
     return ":memory:" if path in ("", ":memory:", "/:memory:") else path
 
 
+def set_duckdb_threads(con: duckdb.DuckDBPyConnection, n: int) -> int:
+    """Set the worker threads of a connection's database; returns the previous setting."""
+    previous = int(con.execute("SELECT current_setting('threads')").fetchall()[0][0])
+    con.execute(f"SET threads = {max(1, int(n))}").fetchall()
+    return previous
+
+
 class DuckDBWarehouse:
     dialect = "duckdb"
 
@@ -169,9 +176,7 @@ class DuckDBWarehouse:
         """Set DuckDB's worker threads for this database (a query also runs on its caller's thread); returns the
         previous setting, to restore."""
         with self._lock:
-            previous = int(self._run("SELECT current_setting('threads')").fetchall()[0][0])
-            self._run(f"SET threads = {max(1, int(n))}").fetchall()
-        return previous
+            return set_duckdb_threads(self.con, n)
 
     def close(self) -> None:
         try:
