@@ -110,7 +110,7 @@ def test_chunking_does_not_change_the_lists(world, workers, monkeypatch):
     big = score.run(big_cfg, ds, run_id="t-big", scenarios=["home"])
     small_cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={
         "batch_users": 16, "workers": workers, "retrieval_users": 40})})  # features fetched 40 users at a time
-    set_offline_threads(small_cfg, 3)  # (not this machine's default: a restore to the default would show)
+    offline = set_offline_threads(small_cfg, 3)  # (not this machine's default: a restore to it would show)
     wh = open_warehouse(small_cfg)
     try:
         wh.set_threads(3)
@@ -120,9 +120,10 @@ def test_chunking_does_not_change_the_lists(world, workers, monkeypatch):
         small = score.run(small_cfg, ds, run_id=f"t-small-{workers}", scenarios=["home"], wh=wh)
         assert calls == [1, 3]
         assert wh.scalar("SELECT current_setting('threads')") == 3
+        assert ibis.get_backend().con.execute("SELECT current_setting('threads')").fetchall()[0][0] == 3
     finally:
         wh.close()
-    assert ibis.get_backend().con.execute("SELECT current_setting('threads')").fetchall()[0][0] == 3
+        set_offline_threads(small_cfg, offline)
     a = pd.read_parquet(f"{big.scores_dir}/home.parquet")
     b = pd.read_parquet(f"{small.scores_dir}/home.parquet")
     assert a["user_id"].nunique() > 3 * 16  # several chunks
