@@ -323,16 +323,15 @@ def service_features(store, side: str) -> list[str]:
     protobuf on every call: about 25 ms, paid on every retrieval and feature-table assembly otherwise)."""
     try:
         proto = store.registry._get_registry_proto(project=store.project, allow_cache=True)
-        version = (proto, proto.last_updated.seconds, proto.last_updated.nanos)
     except AttributeError:  # another registry implementation: no memo
         return _service_features(store, side)
-    memo = getattr(store, "_mtrec_service_refs", None)
-    if memo is None or memo[0][0] is not proto or memo[0][1:] != version[1:]:
-        memo = (version, {})
-        store._mtrec_service_refs = memo
-    if side not in memo[1]:
-        memo[1][side] = _service_features(store, side)
-    return list(memo[1][side])
+    stamp = (proto.last_updated.seconds, proto.last_updated.nanos)
+    memo = getattr(store, "_mtrec_service_refs", None)  # (registry proto, its last update, {side: refs})
+    if memo is None or memo[0] is not proto or memo[1] != stamp:
+        memo = store._mtrec_service_refs = (proto, stamp, {})
+    if side not in memo[2]:
+        memo[2][side] = _service_features(store, side)
+    return list(memo[2][side])
 
 
 def _service_features(store, side: str) -> list[str]:

@@ -146,11 +146,10 @@ def sequence_codes(wh: Warehouse, cfg: MtrecConfig, user_ids: list[str], cutoff:
     n = max(cfg.features.sequence_length, 0)
     codes = np.full((len(users), n), -1, np.int32)
     known = pd.Index([], dtype=object)
+    cutoff = as_utc(pd.Series([pd.Timestamp(cutoff)])).iloc[0]
     for start in range(0, len(users) if n else 0, batch):
         part = users[start:start + batch]
-        keys = pd.DataFrame({"user_id": part, "cutoff": cutoff})
-        keys["cutoff"] = as_utc(keys["cutoff"])
-        seq = _positives(wh, cfg, keys)
+        seq = _positives(wh, cfg, pd.DataFrame({"user_id": part, "cutoff": cutoff}))
         if seq.empty:
             continue
         items = seq["item_id"].to_numpy()

@@ -46,8 +46,9 @@ def _lookup(vocab: list[str] | pd.Index, values: Any, buckets: int = 0) -> np.nd
 def _lookup_few(vocab: list[str] | pd.Index, values: Any) -> np.ndarray:
     """`_lookup` of a column with few distinct values (attributes, scenarios): each one looked up once."""
     codes, uniques = pd.factorize(np.asarray(values, dtype=object))  # missing values: code -1
-    idx = _lookup(vocab, uniques) if len(uniques) else np.zeros(0, np.int64)
-    return np.where(codes >= 0, idx[np.maximum(codes, 0)] if len(idx) else OOV, OOV).astype(np.int64)
+    if not len(uniques):
+        return np.full(len(codes), OOV, np.int64)
+    return np.where(codes >= 0, _lookup(vocab, uniques)[np.maximum(codes, 0)], OOV).astype(np.int64)
 
 
 @dataclass
