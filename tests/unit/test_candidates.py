@@ -97,6 +97,18 @@ def test_top_indices_equals_torch_topk(n):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("n", [2003, 50])
+def test_top_indices_with_ties_takes_k_of_the_largest(n):
+    """Ties at a row's k-th value (duplicate titles give equal similarities): k distinct columns whose values are
+    the k largest."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(0, 40, (37, n), generator=g).float()  # many equal values
+    x[3] = 1.0  # a row of one value
+    got = C._top_indices(x, 30)
+    assert all(len(set(row)) == 30 for row in got.tolist())
+    assert torch.equal(x.gather(1, got).sort(1).values, torch.topk(x, 30, dim=1).values.sort(1).values)
+
+
 def test_users_with_one_positive_item_take_its_own_list(monkeypatch):
     """One titled item (alone, repeated, or beside untitled and out-of-universe positives) gives the item's own
     precomputed list; it must be what the matrix path (no table, no per-item lists) ranks for that user."""
