@@ -28,6 +28,8 @@ USER_ENGAGEMENT, ITEM_STATS = "user_scenario_engagement", "item_scenario_stats"
 ITEM_TEXT = "item_text_embedding"
 SNAPSHOT_TTL = dt.timedelta(days=1)  # a daily snapshot is valid until the next one: older values are stale
 ATTRIBUTE_TTL = dt.timedelta(days=3650)
+# the embedded default's offline store: Feast's DuckDB store reading only the snapshot days a retrieval can match
+SNAPSHOT_STORE = "mtrec.features.offline.SnapshotDuckDBOfflineStore"
 EXCLUDED_ATTRS = {"user_id", "item_id", "updated_at", "title", "ds", "_rn"}
 
 
@@ -286,7 +288,7 @@ def feature_store(cfg: MtrecConfig):
     root.mkdir(parents=True, exist_ok=True)
     config = RepoConfig(
         project=cfg.features.feast_project, provider="local", registry=str(root / "registry.db"),
-        online_store=_online_store(cfg), offline_store=postgres_settings(cfg) or {"type": "duckdb"},
+        online_store=_online_store(cfg), offline_store=postgres_settings(cfg) or {"type": SNAPSHOT_STORE},
         entity_key_serialization_version=3,
         repo_path=str(root))
     return FeatureStore(config=config)
@@ -295,7 +297,7 @@ def feature_store(cfg: MtrecConfig):
 # modules the offline store loads on its first retrieval (the DuckDB backend of ibis and its SQL dialects;
 # Feast's data-source plugins, one of which instruments its functions with typeguard when imported): about
 # 0.5 s, paid once per process
-OFFLINE_STORE_MODULES = ("ibis.backends.duckdb", "ibis.backends.sql.compilers", "ibis.formats.pandas",
+OFFLINE_STORE_MODULES = ("mtrec.features.offline", "ibis.backends.duckdb", "ibis.backends.sql.compilers", "ibis.formats.pandas",
                          "ibis.formats.pyarrow", "feast.infra.registry.file", "feast.infra.data_sources.mlflow")
 
 

@@ -217,7 +217,7 @@ def test_postgres_offline_store_gives_the_same_training_set_as_duckdb(tmp_path, 
             assert store.config.offline_store.type == "postgres"
             assert type(source).__name__ == "PostgreSQLSource" and "item_scenario_features" in source.get_table_query_string()
         else:
-            assert store.config.offline_store.type == "duckdb" and type(source).__name__ == "FileSource"
+            assert store.config.offline_store.type == FS.SNAPSHOT_STORE and type(source).__name__ == "FileSource"
         wh = open_warehouse(cfg)
         try:
             table = build_training_set(cfg, wh, DAY, END)
@@ -229,3 +229,39 @@ def test_postgres_offline_store_gives_the_same_training_set_as_duckdb(tmp_path, 
     cols = [c for c in a.columns if c not in ("event_timestamp", "feature_time", "ds")]
     assert a["us_impressions_7d"].gt(0).any() and a["is_click_rate_7d"].notna().any()
     pd.testing.assert_frame_equal(a[cols], b[cols], check_dtype=False, check_like=True)
+
+
+def test_snapshot_store_reads_only_the_days_it_can_match_and_equals_feasts_duckdb_store(built, monkeypatch):
+    """The embedded offline store prunes the daily snapshot files to the entity timestamps' window (minus the
+    TTL); what it retrieves is what Feast's own DuckDB store retrieves from every file."""
+    from feast import FeatureStore, RepoConfig
+
+    from mtrec.features import offline
+
+    cfg, _ = built
+    store = FS.feature_store(cfg)
+    assert store.config.offline_store.type == FS.SNAPSHOT_STORE
+    plain = FeatureStore(config=RepoConfig(project=store.config.project, provider="local",
+                                           registry=str(FS.feast_dir(cfg) / "registry.db"),
+                                           online_store={"type": "sqlite", "path": str(FS.feast_dir(cfg) / "online-plain.db")},
+                                           offline_store={"type": "duckdb"}, entity_key_serialization_version=3,
+                                           repo_path=str(FS.feast_dir(cfg))))
+    read: list[list[str]] = []
+    pick = offline.snapshot_files
+    monkeypatch.setattr(offline, "snapshot_files", lambda *a: read.append(pick(*a)) or read[-1])
+    wh = open_warehouse(cfg)
+    try:
+        users = wh.query_df("SELECT DISTINCT user_id, scenario FROM events ORDER BY 1, 2")
+    finally:
+        wh.close()
+    refs = FS.service_features(store, "user")
+    for ts, days in ((pd.Timestamp(END, tz="UTC") + pd.Timedelta(days=1), {END - dt.timedelta(days=1), END}),
+                     (pd.Timestamp(DAY, tz="UTC"), {DAY - dt.timedelta(days=2), DAY - dt.timedelta(days=1), DAY})):
+        entity = users.assign(event_timestamp=ts)
+        read.clear()
+        got, want = (s.get_historical_features(entity_df=entity, features=refs).to_df()
+                     .sort_values(["user_id", "scenario"]).reset_index(drop=True) for s in (store, plain))
+        pd.testing.assert_frame_equal(got, want)
+        assert got["us_impressions_7d"].notna().any()
+        files = [f for r in read if r for f in r]
+        assert {dt.date.fromisoformat(f.split("ds=")[1][:10]) for f in files} == days

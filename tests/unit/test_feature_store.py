@@ -66,3 +66,27 @@ def test_service_features_follow_the_registry(tmp_path):
     refs = FS.service_features(store, "user")
     assert "user_attributes:u_tenure" in refs and "user_attributes:u_age" not in refs
     assert FS.service_features(store, "item") == FS._service_features(other, "item")
+
+
+def test_snapshot_files_are_the_days_a_window_can_match(tmp_path):
+    """Partition d holds values stamped within [d, d + 1 day]: kept when that meets [lo, hi]; a glob that is not
+    all `ds=` partitions, or leaves nothing, is read whole (None)."""
+    import datetime as dt
+
+    from mtrec.features.offline import snapshot_files
+
+    for d in range(1, 8):
+        (tmp_path / f"ds=2026-01-0{d}.parquet").touch()
+    utc = dt.UTC
+
+    def days(lo, hi):
+        got = snapshot_files(str(tmp_path / "*.parquet"), lo, hi)
+        return None if got is None else [int(f[-10:-8]) for f in got]
+
+    end_of_5 = dt.datetime(2026, 1, 6, tzinfo=utc)
+    assert days(end_of_5 - dt.timedelta(days=1), end_of_5) == [4, 5, 6]
+    assert days(end_of_5 - dt.timedelta(hours=1), end_of_5) == [5, 6]
+    assert days(None, end_of_5) == [1, 2, 3, 4, 5, 6]
+    assert days(dt.datetime(2025, 1, 1, tzinfo=utc), dt.datetime(2025, 1, 2, tzinfo=utc)) is None
+    (tmp_path / "all.parquet").touch()
+    assert days(end_of_5 - dt.timedelta(days=1), end_of_5) is None
