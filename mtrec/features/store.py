@@ -26,7 +26,10 @@ OWNER = "mtrec"
 USER_ATTRS, ITEM_ATTRS = "user_attributes", "item_attributes"
 USER_ENGAGEMENT, ITEM_STATS = "user_scenario_engagement", "item_scenario_stats"
 ITEM_TEXT = "item_text_embedding"
-SNAPSHOT_TTL = dt.timedelta(days=1)  # a daily snapshot is valid until the next one: older values are stale
+# a daily snapshot is valid until the next one, a day later (exclusive: at that instant it is stale; one snapshot
+# matches an entity timestamp, not two, and the offline stores read one day of snapshots, not two). In seconds:
+# Feast's PostgreSQL store counts TTLs in whole seconds
+SNAPSHOT_TTL = dt.timedelta(days=1) - dt.timedelta(seconds=1)
 ATTRIBUTE_TTL = dt.timedelta(days=3650)
 # the embedded default's offline store: Feast's DuckDB store reading only the snapshot days a retrieval can match
 SNAPSHOT_STORE = "mtrec.features.offline.SnapshotDuckDBOfflineStore"
