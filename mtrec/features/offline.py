@@ -66,10 +66,14 @@ def _entity_window(entity_df) -> tuple[dt.datetime, dt.datetime] | None:
     if not isinstance(entity_df, pd.DataFrame) or entity_df.empty:
         return None
     column = infer_event_timestamp_from_entity_df(dict(zip(entity_df.columns, entity_df.dtypes, strict=True)))
-    ts = pd.to_datetime(entity_df[column], utc=True)
+    ts = entity_df[column]
+    if not pd.api.types.is_datetime64_any_dtype(ts):
+        ts = pd.to_datetime(ts, utc=True)
     if ts.isna().any():
         return None
-    return ts.min().to_pydatetime(), ts.max().to_pydatetime()
+    # (the extremes only are made UTC: converting the column costs a Python object per row; naive = UTC, as Feast)
+    lo, hi = (pd.Timestamp(x) for x in (ts.min(), ts.max()))
+    return tuple(x.tz_localize("UTC") if x.tzinfo is None else x.tz_convert("UTC") for x in (lo, hi))
 
 
 def _longest_ttls(feature_views) -> dict[str, dt.timedelta | None]:
