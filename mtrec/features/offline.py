@@ -3,7 +3,7 @@
 The features stage exports one Parquet file per day and table (`<table>/ds=YYYY-MM-DD.parquet`, values stamped
 within that day or at its end). Feast's DuckDB store reads a file source's whole glob on every retrieval, then
 keeps the rows within each feature view's TTL of the entity timestamps: its cost grows with the days of history
-(a year of snapshots: every scoring retrieval reads 365 files to use 2). This store is Feast's own, with one
+(a year of snapshots: every scoring retrieval reads 365 files to use one). This store is Feast's own, with one
 change: for a file source whose files are all `ds=` partitions, a historical retrieval reads only the days that
 can hold a row within [earliest entity timestamp - TTL, latest entity timestamp]. Results are unchanged: the
 point-in-time join is Feast's, on the same rows it would keep. Everything else (materialization, pulls, writes)

@@ -283,15 +283,17 @@ def _online_store(cfg: MtrecConfig) -> dict:
     return {"type": "sqlite", "path": str(feast_dir(cfg) / "online.db")}
 
 
-def feature_store(cfg: MtrecConfig):
-    """A FeatureStore configured from mtrec's config (same settings feature_repo/feature_store.yaml reads)."""
+def feature_store(cfg: MtrecConfig, *, offline_store: dict | None = None):
+    """A FeatureStore configured from mtrec's config (same settings feature_repo/feature_store.yaml reads).
+    `offline_store`: other offline store settings (e.g. `{"type": "duckdb"}`, Feast's own, to compare with)."""
     from feast import FeatureStore, RepoConfig
 
     root = feast_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     config = RepoConfig(
         project=cfg.features.feast_project, provider="local", registry=str(root / "registry.db"),
-        online_store=_online_store(cfg), offline_store=postgres_settings(cfg) or {"type": SNAPSHOT_STORE},
+        online_store=_online_store(cfg),
+        offline_store=offline_store or postgres_settings(cfg) or {"type": SNAPSHOT_STORE},
         entity_key_serialization_version=3,
         repo_path=str(root))
     return FeatureStore(config=config)

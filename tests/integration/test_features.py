@@ -234,18 +234,12 @@ def test_postgres_offline_store_gives_the_same_training_set_as_duckdb(tmp_path, 
 def test_snapshot_store_reads_only_the_days_it_can_match_and_equals_feasts_duckdb_store(built, monkeypatch):
     """The embedded offline store prunes the daily snapshot files to the entity timestamps' window (minus the
     TTL); what it retrieves is what Feast's own DuckDB store retrieves from every file."""
-    from feast import FeatureStore, RepoConfig
-
     from mtrec.features import offline
 
     cfg, _ = built
     store = FS.feature_store(cfg)
     assert store.config.offline_store.type == FS.SNAPSHOT_STORE
-    plain = FeatureStore(config=RepoConfig(project=store.config.project, provider="local",
-                                           registry=str(FS.feast_dir(cfg) / "registry.db"),
-                                           online_store={"type": "sqlite", "path": str(FS.feast_dir(cfg) / "online-plain.db")},
-                                           offline_store={"type": "duckdb"}, entity_key_serialization_version=3,
-                                           repo_path=str(FS.feast_dir(cfg))))
+    plain = FS.feature_store(cfg, offline_store={"type": "duckdb"})
     read: list[list[str]] = []
     pick = offline.snapshot_files
     monkeypatch.setattr(offline, "snapshot_files", lambda *a: read.append(pick(*a)) or read[-1])
