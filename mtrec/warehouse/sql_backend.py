@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -53,9 +54,19 @@ class SQLWarehouse:
         except Exception as e:  # noqa: BLE001 - any driver error means the warehouse is unreachable
             host = urlsplit(url).hostname
             raise WarehouseError(f"cannot connect to warehouse at {host}: {str(e).splitlines()[0]}") from None
-        self._conn: sa.Connection | None = None
+        # the connection of the transaction open in each thread: a transaction belongs to the thread that opened
+        # it (the score stage queries from several threads; the others take their own pooled connections)
+        self._local = threading.local()
 
     # -- connections ----------------------------------------------------------------------------------
+    @property
+    def _conn(self) -> sa.Connection | None:
+        return getattr(self._local, "conn", None)
+
+    @_conn.setter
+    def _conn(self, conn: sa.Connection | None) -> None:
+        self._local.conn = conn
+
     @contextmanager
     def _connection(self) -> Iterator[sa.Connection]:
         if self._conn is not None:

@@ -80,6 +80,34 @@ def test_statements_leave_no_open_result_between_threads(cfg, warehouse_url):
         wh.close()
 
 
+def test_a_transaction_belongs_to_its_thread(postgres_url):
+    """PostgreSQL: while one thread's transaction is open (its row not committed), another thread's statements run
+    on a connection of their own: they neither see the uncommitted row nor take part in that transaction (the
+    score stage creates a scratch table in one thread while others query)."""
+    import threading
+
+    wh = open_warehouse(postgres_url)
+    try:
+        wh.execute("CREATE TABLE scratch_t (a INTEGER)")
+        inside, checked = threading.Event(), threading.Event()
+
+        def writer() -> None:
+            with wh.transaction():
+                wh.execute("INSERT INTO scratch_t VALUES (1)")
+                inside.set()
+                checked.wait(30)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        assert inside.wait(30)
+        during = wh.scalar("SELECT count(*) FROM scratch_t")  # another thread, while the transaction is open
+        checked.set()
+        t.join()
+        assert (during, wh.scalar("SELECT count(*) FROM scratch_t")) == (0, 1)
+    finally:
+        wh.close()
+
+
 def _catch(step) -> list[BaseException]:
     try:
         step()
