@@ -90,14 +90,13 @@ def main() -> None:
             generate_into_warehouse(cfg, users=args.users, items=args.items, days=days, end_date=END, seed=3,
                                     progress=False)
             features.run(cfg, END, materialize=False)
-            runs: dict[str, list[float]] = {name: [] for name in STORES}
+            runs: dict[str, list[dict]] = {name: [] for name in STORES}
             for _ in range(args.rounds):  # the stores alternate (the machine's speed drifts)
                 for name, offline_store in STORES.items():
-                    out = _in_child(home, offline_store, args.rows, args.repeat)
-                    runs[name].append(out["seconds"])
+                    runs[name].append(_in_child(home, offline_store, args.rows, args.repeat))
             for name in STORES:
-                seconds[name, days] = statistics.median(runs[name])
-                emit("retrieval", f"user_retrieval_seconds[{name}, {days} days, {out['rows']} rows]",
+                seconds[name, days] = statistics.median(r["seconds"] for r in runs[name])
+                emit("retrieval", f"user_retrieval_seconds[{name}, {days} days, {runs[name][0]['rows']} rows]",
                      seconds[name, days], "s", "none", None)
             emit("retrieval", f"snapshot_store_vs_feast_store[{days} days]", seconds["snapshot store", days], "s",
                  "feast duckdb store", seconds["feast duckdb store", days])
