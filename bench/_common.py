@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import platform
 import resource
@@ -39,3 +40,25 @@ def peak_rss_mb(children: bool = False) -> float:
             pass
     who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
     return resource.getrusage(who).ru_maxrss / 1024.0
+
+
+def guarded(target, args, queue, *extra) -> None:
+    try:
+        target(*args, queue, *extra)
+    except BaseException:  # noqa: BLE001 - report the child's failure instead of hanging the parent
+        import traceback
+
+        queue.put({"error": traceback.format_exc()})
+
+
+def in_child(target, *args):
+    """Run in a fresh process (its own peak RSS); a failure in the child is raised here."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=guarded, args=(target, args, queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    if "error" in out:
+        raise RuntimeError(out["error"])
+    return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit  # noqa: E402
+from _common import emit, in_child  # noqa: E402
 
 END = dt.date(2026, 3, 31)
 STORES = {"snapshot store": None, "feast duckdb store": {"type": "duckdb"}}
@@ -59,16 +58,6 @@ def _retrieve(home: str, offline_store: dict | None, rows: int, repeat: int, que
     queue.put({"seconds": statistics.median(seconds), "rows": len(got)})
 
 
-def _in_child(*args) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_retrieve, args=(*args, queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--days", type=int, nargs="+", default=[7, 28])
@@ -93,7 +82,7 @@ def main() -> None:
             runs: dict[str, list[dict]] = {name: [] for name in STORES}
             for _ in range(args.rounds):  # the stores alternate (the machine's speed drifts)
                 for name, offline_store in STORES.items():
-                    runs[name].append(_in_child(home, offline_store, args.rows, args.repeat))
+                    runs[name].append(in_child(_retrieve, home, offline_store, args.rows, args.repeat))
             for name in STORES:
                 seconds[name, days] = statistics.median(r["seconds"] for r in runs[name])
                 emit("retrieval", f"user_retrieval_seconds[{name}, {days} days, {runs[name][0]['rows']} rows]",

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit  # noqa: E402
+from _common import emit, guarded, in_child  # noqa: E402
 
 END = dt.date(2026, 1, 31)
 
@@ -150,33 +150,11 @@ def _forward_only(home: str, threads: int, lanes: int, n_pairs: int, queue, sync
     queue.put({"seconds": time.perf_counter() - t, "pairs": done})
 
 
-def _guarded(target, args, queue, *extra) -> None:
-    try:
-        target(*args, queue, *extra)
-    except BaseException:  # noqa: BLE001 - report the child's failure instead of hanging the parent
-        import traceback
-
-        queue.put({"error": traceback.format_exc()})
-
-
-def _in_child(target, *args):
-    """Run in a fresh process (its own peak RSS); a failure in the child is raised here."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_guarded, args=(target, args, queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    if "error" in out:
-        raise RuntimeError(out["error"])
-    return out
-
-
 def _in_children(n: int, target, *args) -> dict:
     """`target` in n fresh processes side by side (given a lock and a barrier): all their pairs over the slowest."""
     ctx = mp.get_context("spawn")
     queue, sync = ctx.Queue(), (ctx.Lock(), ctx.Barrier(n))
-    procs = [ctx.Process(target=_guarded, args=(target, args, queue, sync)) for _ in range(n)]
+    procs = [ctx.Process(target=guarded, args=(target, args, queue, sync)) for _ in range(n)]
     for proc in procs:
         proc.start()
     outs = [queue.get() for _ in procs]
@@ -213,11 +191,11 @@ def main() -> None:
                         "2 processes x 1 thread": (1, 1, 2)}
             fulls, fwd_rounds, ratios = [], [], []
             for _ in range(args.rounds):
-                full = _in_child(_score, home, args.threads)
+                full = in_child(_score, home, args.threads)
                 fwd = {}
                 for name, (threads, lanes, procs) in variants.items():
                     n = max(full["pairs"] // 4, 1_000_000)
-                    f = _in_child(_forward_only, home, threads, lanes, n) if procs == 1 else \
+                    f = in_child(_forward_only, home, threads, lanes, n) if procs == 1 else \
                         _in_children(procs, _forward_only, home, threads, lanes, n // procs)
                     fwd[name] = f["pairs"] / f["seconds"]
                 fulls.append(full)
