@@ -284,7 +284,10 @@ def _online_store(cfg: MtrecConfig) -> dict:
 
 
 def feature_store(cfg: MtrecConfig, *, offline_store: dict | None = None):
-    """A FeatureStore configured from mtrec's config (same settings feature_repo/feature_store.yaml reads).
+    """A FeatureStore configured from mtrec's config (same settings feature_repo/feature_store.yaml reads, but
+    for `coerce_tz_aware`: mtrec hands Feast entity timestamps already in UTC (`training_set._retrieve`), and
+    Feast's coercion, `pd.to_datetime(utc=True)` on each of them, first boxes up to 10,000 of them into Python
+    objects on every retrieval).
     `offline_store`: other offline store settings (e.g. `{"type": "duckdb"}`, Feast's own, to compare with)."""
     from feast import FeatureStore, RepoConfig
 
@@ -294,7 +297,7 @@ def feature_store(cfg: MtrecConfig, *, offline_store: dict | None = None):
         project=cfg.features.feast_project, provider="local", registry=str(root / "registry.db"),
         online_store=_online_store(cfg),
         offline_store=offline_store or postgres_settings(cfg) or {"type": SNAPSHOT_STORE},
-        entity_key_serialization_version=3,
+        entity_key_serialization_version=3, coerce_tz_aware=False,
         repo_path=str(root))
     return FeatureStore(config=config)
 

@@ -54,9 +54,11 @@ def set_offline_threads(cfg: MtrecConfig, n: int) -> int | None:
 
 
 def _retrieve(store, keys: pd.DataFrame, features: list[str]) -> pd.DataFrame:
-    """get_historical_features for unique entity rows; `event_timestamp` is the cut-off instant."""
+    """get_historical_features for unique entity rows; `event_timestamp` is the cut-off instant (made UTC here:
+    the store does not coerce it, see `FS.feature_store`)."""
     if keys.empty or not features:
         return keys.copy()
+    keys = keys.assign(event_timestamp=as_utc(keys["event_timestamp"]))
     with RETRIEVAL_LOCK:
         return store.get_historical_features(entity_df=keys, features=features).to_df()
 

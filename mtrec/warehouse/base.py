@@ -15,9 +15,12 @@ from mtrec.schema import BIGINT, BOOLEAN, DATE, DOUBLE, TEXT, TIMESTAMP, TableSp
 
 def as_utc(values: pd.Series) -> pd.Series:
     """Timestamps as UTC. `pd.to_datetime(utc=True)` on a column that already has a time zone boxes its first
-    10,000 values into Python objects (to decide on caching) before converting: a conversion is all it needs."""
+    10,000 values into Python objects (to decide on caching) before converting: a conversion (or, naive, a
+    localization) is all it needs."""
     if isinstance(values.dtype, pd.DatetimeTZDtype):
         return values.dt.tz_convert("UTC")
+    if pd.api.types.is_datetime64_dtype(values.dtype):  # naive: taken as UTC
+        return values.dt.tz_localize("UTC")
     return pd.to_datetime(values, utc=True)
 
 

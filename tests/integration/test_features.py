@@ -14,7 +14,13 @@ from mtrec.data.generate import generate_into_warehouse
 from mtrec.data.raw import load_frames
 from mtrec.features import aggregates as A
 from mtrec.features import store as FS
-from mtrec.features.training_set import build_scoring_table, build_training_set, sequence_codes, sequences_for
+from mtrec.features.training_set import (
+    _retrieve,
+    build_scoring_table,
+    build_training_set,
+    sequence_codes,
+    sequences_for,
+)
 from mtrec.steps import features
 from mtrec.warehouse import open_warehouse
 
@@ -259,3 +265,28 @@ def test_snapshot_store_reads_only_the_days_it_can_match_and_equals_feasts_duckd
         assert got["us_impressions_7d"].notna().any()
         files = [f for r in read if r for f in r]
         assert {dt.date.fromisoformat(f.split("ds=")[1][:10]) for f in files} == days
+
+
+def test_retrieval_makes_entity_timestamps_utc_itself(built):
+    """The store leaves entity timestamps as given (Feast's coercion is off: it boxes them into Python objects);
+    mtrec's retrieval makes them UTC, so naive (taken as UTC) and zoned cut-offs of the same instant retrieve the
+    same rows, and the same as a store that coerces them."""
+    cfg, _ = built
+    store = FS.feature_store(cfg)
+    assert store.config.coerce_tz_aware is False
+    coercing = FS.feature_store(cfg)
+    coercing.config.coerce_tz_aware = True
+    wh = open_warehouse(cfg)
+    try:
+        users = wh.query_df("SELECT DISTINCT user_id, scenario FROM events ORDER BY 1, 2")
+    finally:
+        wh.close()
+    refs = FS.service_features(store, "user")
+    instant = pd.Timestamp(END, tz="UTC") + pd.Timedelta(hours=12)
+    frames = [_retrieve(s, users.assign(event_timestamp=ts), refs)
+              .sort_values(["user_id", "scenario"]).reset_index(drop=True)
+              for s, ts in ((store, instant), (store, instant.tz_localize(None)),
+                            (store, instant.tz_convert("Asia/Kolkata")), (coercing, instant.tz_localize(None)))]
+    assert frames[0]["us_impressions_7d"].notna().any()
+    for other in frames[1:]:
+        pd.testing.assert_frame_equal(other, frames[0])

@@ -9,7 +9,7 @@ import pytest
 
 from mtrec.errors import WarehouseError
 from mtrec.schema import recommendations_spec
-from mtrec.warehouse import ensure_contract_tables, open_warehouse, q
+from mtrec.warehouse import as_utc, ensure_contract_tables, open_warehouse, q
 
 DS = dt.date(2024, 3, 1)
 
@@ -126,3 +126,14 @@ def test_identifiers_are_checked():
 def test_unknown_url_is_a_clear_error():
     with pytest.raises(WarehouseError, match="not a URL"):
         open_warehouse("warehouse.duckdb")
+
+
+def test_as_utc_converts_zoned_localizes_naive_and_parses_text():
+    want = pd.Series(pd.to_datetime(["2026-01-31 23:00", "2026-02-01 00:30"]).tz_localize("UTC"))
+    naive = want.dt.tz_localize(None)
+    zoned = want.dt.tz_convert("America/New_York")
+    text = pd.Series(["2026-01-31T23:00:00Z", "2026-02-01T01:30:00+01:00"])
+    for values in (want, naive, zoned, text):
+        got = as_utc(values)
+        assert str(got.dt.tz) == "UTC"
+        pd.testing.assert_series_equal(got.dt.as_unit("ns"), want.dt.as_unit("ns"))
