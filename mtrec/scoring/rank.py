@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import os
 import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -48,6 +49,9 @@ class Scorer:
 
     version: str
     tasks: list[str]
+    # CPU seconds of the threads that ran the model on users (`user_side`, `grid_blocks`): the stage reports the
+    # share of its cores' time that went to the forward (the rest: features, candidates, top-K, output)
+    forward_cpu_seconds: float = 0.0
 
     def encode(self, table, sides: tuple[str, ...] = ("user", "item")) -> dict[str, torch.Tensor]:
         """Input tensors of a feature table's rows (CPU), of one side or both (the users' are sliced per chunk by
@@ -145,6 +149,7 @@ class ModelScorer(Scorer):
     def __init__(self, artifact, version: str, device: torch.device, *, trace: bool = True) -> None:
         self.art, self.version, self.device = artifact.to(device), version, device
         self.tasks = artifact.tasks
+        self._cpu_lock = threading.Lock()
         self._text: torch.Tensor | None = None
         self._pairs = PairGrid(self.art.model)
         self._traced = None  # the traced PairGrid once made
@@ -158,11 +163,18 @@ class ModelScorer(Scorer):
             self._text = text.to(self.device)
         return tensors
 
+    def _count(self, started: float) -> None:
+        with self._cpu_lock:
+            self.forward_cpu_seconds += time.thread_time() - started
+
     @torch.no_grad()
     def user_side(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        started = time.thread_time()
         self.art.model.eval()
         b = to_device({k: v[rows] for k, v in batch.items()}, self.device)
-        return {**self.art.model.user_side(b, self._text), "_scenario": b["scenario"]}
+        out = {**self.art.model.user_side(b, self._text), "_scenario": b["scenario"]}
+        self._count(started)
+        return out
 
     @torch.no_grad()
     def items(self, table, uni: Universe) -> dict[str, torch.Tensor]:
@@ -187,11 +199,15 @@ class ModelScorer(Scorer):
         if self._trace and self._traced is None and blocks:  # (or being made by another lane: waits for it)
             rows, w = blocks[0]
             self._make_trace(self._block(u, i, rows, cand[rows, :w]))
+        started = time.thread_time()
         if self._loop is None:
-            return super().grid_blocks(u, i, cand, blocks)
-        return self._loop({k: v for k, v in u.items() if not k.startswith("_")}, i, u["_scenario"],
-                          cand.to(self.device), self._text, [r.start for r, _ in blocks],
-                          [r.stop for r, _ in blocks], [w for _, w in blocks])
+            out = super().grid_blocks(u, i, cand, blocks)
+        else:
+            out = self._loop({k: v for k, v in u.items() if not k.startswith("_")}, i, u["_scenario"],
+                             cand.to(self.device), self._text, [r.start for r, _ in blocks],
+                             [r.stop for r, _ in blocks], [w for _, w in blocks])
+        self._count(started)
+        return out
 
     def _make_trace(self, args) -> None:
         with self._trace_lock:  # the first blocks of several lanes arrive together: one trace

@@ -128,7 +128,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     schema = arrow_schema(cfg)
     created = dt.datetime.now(dt.UTC)  # bookkeeping column only
     rows: dict[str, int] = {}
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     pairs: list[int] = []  # scored pairs per user chunk
     people = {scenario: active_users(wh, cfg, ds, scenario) for scenario in todo}
 
@@ -244,14 +244,19 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
             writer.close()
             tmp_path(scenario).unlink(missing_ok=True)
     _merge_success(out / SUCCESS_FILE, ds, run_id, label, rows)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     pairs_total = sum(pairs)
     total_users = sum(users.values())
+    forward = scorer.forward_cpu_seconds
+    log.info("score %s: %d pairs in %.1f s (%.0f pairs/s); the model's forward took %.0f%% of the CPU time (%.1f of "
+             "%.1f s), the rest went to features, candidates, top-K and output", ds, pairs_total, seconds,
+             pairs_total / max(seconds, 1e-9), 100 * forward / max(cpu, 1e-9), forward, cpu)
     msg = (f"scored {total_users} user-scenario(s) with {label}: " + ", ".join(f"{s} {n} rows" for s, n in rows.items()))
     return ScoreResult(stage="score", ds=ds, run_id=run_id, status=SUCCESS, message=msg, rows=rows, users=users,
                        model_version=label, scores_dir=str(out),
                        details={"rows": rows, "users": users, "model_version": label, "model": model,
-                                "seconds": round(seconds, 2), "pairs": pairs_total,
+                                "seconds": round(seconds, 2), "pairs": pairs_total, "cpu_seconds": round(cpu, 2),
+                                "forward_cpu_seconds": round(forward, 2),
                                 "pairs_per_second": round(pairs_total / max(seconds, 1e-9), 1),
                                 "users_per_second": round(total_users / max(seconds, 1e-9), 1)},
                        artifacts={"scores": str(out)},

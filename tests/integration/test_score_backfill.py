@@ -67,6 +67,8 @@ def test_score_lists_are_complete_ranked_and_exclude_seen_items(world):
     ds = DAYS[0]
     res = score.run(cfg, ds, run_id="t-score")
     assert res.model_version == version
+    # the model's forward is accounted apart from the rest of the stage's CPU time
+    assert 0 < res.details["forward_cpu_seconds"] <= res.details["cpu_seconds"]
     publish.run(cfg, ds, run_id="t-score")
     df = _read(cfg, ds)
     wh = open_warehouse(cfg)
@@ -159,6 +161,7 @@ def test_fusion_weights_and_popularity_fallback(world):
     early = DAYS[0] - dt.timedelta(days=3)
     pop = score.run(cfg, early, run_id="t-asof", scenarios=["home"], model="as-of")
     assert pop.model_version == "popularity" and pop.warnings
+    assert pop.details["forward_cpu_seconds"] == 0 < pop.details["pairs"]  # no model ran
     dfp = pd.read_parquet(f"{pop.scores_dir}/home.parquet")
     assert set(dfp["model_version"]) == {"popularity"} and len(dfp) > 0
     with pytest.raises(StageError, match="unknown scenario"):
