@@ -50,7 +50,8 @@ class Scorer:
     version: str
     tasks: list[str]
     # CPU seconds of the threads that ran the model on users (`user_side`, `grid_blocks`): the stage reports the
-    # share of its cores' time that went to the forward (the rest: features, candidates, top-K, output)
+    # share of its cores' time that went to the forward (the rest: features, candidates, top-K, output). Counted
+    # on the calling threads: with more than one torch thread per lane, torch's own workers are not included
     forward_cpu_seconds: float = 0.0
 
     def encode(self, table, sides: tuple[str, ...] = ("user", "item")) -> dict[str, torch.Tensor]:

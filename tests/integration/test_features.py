@@ -237,6 +237,15 @@ def test_postgres_offline_store_gives_the_same_training_set_as_duckdb(tmp_path, 
     pd.testing.assert_frame_equal(a[cols], b[cols], check_dtype=False, check_like=True)
 
 
+def _user_scenarios(cfg) -> pd.DataFrame:
+    """Every (user_id, scenario) of the generated events: entity rows of a user-side retrieval."""
+    wh = open_warehouse(cfg)
+    try:
+        return wh.query_df("SELECT DISTINCT user_id, scenario FROM events ORDER BY 1, 2")
+    finally:
+        wh.close()
+
+
 def test_snapshot_store_reads_only_the_days_it_can_match_and_equals_feasts_duckdb_store(built, monkeypatch):
     """The embedded offline store prunes the daily snapshot files to the entity timestamps' window (minus the
     TTL); what it retrieves is what Feast's own DuckDB store retrieves from every file."""
@@ -249,11 +258,7 @@ def test_snapshot_store_reads_only_the_days_it_can_match_and_equals_feasts_duckd
     read: list[list[str]] = []
     pick = offline.snapshot_files
     monkeypatch.setattr(offline, "snapshot_files", lambda *a: read.append(pick(*a)) or read[-1])
-    wh = open_warehouse(cfg)
-    try:
-        users = wh.query_df("SELECT DISTINCT user_id, scenario FROM events ORDER BY 1, 2")
-    finally:
-        wh.close()
+    users = _user_scenarios(cfg)
     refs = FS.service_features(store, "user")
     for ts, days in ((pd.Timestamp(END, tz="UTC") + pd.Timedelta(days=1), {END}),
                      (pd.Timestamp(DAY, tz="UTC"), {DAY - dt.timedelta(days=1), DAY})):
@@ -276,11 +281,7 @@ def test_retrieval_makes_entity_timestamps_utc_itself(built):
     assert store.config.coerce_tz_aware is False
     coercing = FS.feature_store(cfg)
     coercing.config.coerce_tz_aware = True
-    wh = open_warehouse(cfg)
-    try:
-        users = wh.query_df("SELECT DISTINCT user_id, scenario FROM events ORDER BY 1, 2")
-    finally:
-        wh.close()
+    users = _user_scenarios(cfg)
     refs = FS.service_features(store, "user")
     instant = pd.Timestamp(END, tz="UTC") + pd.Timedelta(hours=12)
     frames = [_retrieve(s, users.assign(event_timestamp=ts), refs)
