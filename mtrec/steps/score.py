@@ -248,9 +248,9 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     pairs_total = sum(pairs)
     total_users = sum(users.values())
     forward = scorer.forward_cpu_seconds - forward_started  # (this run's, should the scorer be reused)
-    log.info("score %s: %d pairs in %.1f s (%.0f pairs/s); the model's forward took %.0f%% of the CPU time (%.1f of "
-             "%.1f s), the rest went to features, candidates, top-K and output", ds, pairs_total, seconds,
-             pairs_total / max(seconds, 1e-9), 100 * forward / max(cpu, 1e-9), forward, cpu)
+    log.info("score %s: %d pairs in %.1f s (%.0f pairs/s)%s", ds, pairs_total, seconds, pairs_total / max(seconds, 1e-9),
+             f"; the model's forward took {100 * forward / max(cpu, 1e-9):.0f}% of the CPU time ({forward:.1f} of "
+             f"{cpu:.1f} s), the rest went to features, candidates, top-K and output" if mv else "")
     msg = (f"scored {total_users} user-scenario(s) with {label}: " + ", ".join(f"{s} {n} rows" for s, n in rows.items()))
     return ScoreResult(stage="score", ds=ds, run_id=run_id, status=SUCCESS, message=msg, rows=rows, users=users,
                        model_version=label, scores_dir=str(out),
