@@ -34,6 +34,7 @@ from feast.infra.offline_stores.ibis import get_historical_features_ibis
 from feast.infra.offline_stores.offline_utils import infer_event_timestamp_from_entity_df
 
 from mtrec.features.store import SNAPSHOT_STORE
+from mtrec.warehouse import as_utc
 
 PARTITION = re.compile(r"^ds=(\d{4}-\d{2}-\d{2})\.parquet$")
 DAY = dt.timedelta(days=1)
@@ -66,14 +67,10 @@ def _entity_window(entity_df) -> tuple[dt.datetime, dt.datetime] | None:
     if not isinstance(entity_df, pd.DataFrame) or entity_df.empty:
         return None
     column = infer_event_timestamp_from_entity_df(dict(zip(entity_df.columns, entity_df.dtypes, strict=True)))
-    ts = entity_df[column]
-    if not pd.api.types.is_datetime64_any_dtype(ts):
-        ts = pd.to_datetime(ts, utc=True)
+    ts = as_utc(entity_df[column])  # (naive = UTC, as Feast)
     if ts.isna().any():
         return None
-    # (the extremes only are made UTC: converting the column costs a Python object per row; naive = UTC, as Feast)
-    lo, hi = (pd.Timestamp(x) for x in (ts.min(), ts.max()))
-    return tuple(x.tz_localize("UTC") if x.tzinfo is None else x.tz_convert("UTC") for x in (lo, hi))
+    return ts.min(), ts.max()
 
 
 def _longest_ttls(feature_views) -> dict[str, dt.timedelta | None]:
