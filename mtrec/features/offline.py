@@ -3,11 +3,17 @@
 The features stage exports one Parquet file per day and table (`<table>/ds=YYYY-MM-DD.parquet`, values stamped
 within that day or at its end). Feast's DuckDB store reads a file source's whole glob on every retrieval, then
 keeps the rows within each feature view's TTL of the entity timestamps: its cost grows with the days of history
-(a year of snapshots: every scoring retrieval reads 365 files to use one). This store is Feast's own, with one
-change: for a file source whose files are all `ds=` partitions, a historical retrieval reads only the days that
-can hold a row within [earliest entity timestamp - TTL, latest entity timestamp]. Results are unchanged: the
-point-in-time join is Feast's, on the same rows it would keep. Everything else (materialization, pulls, writes)
-is the DuckDB store's.
+(a year of snapshots: every scoring retrieval reads 365 files to use one). This store is Feast's own, with two
+changes, neither of which changes a result (tests compare both with Feast's own DuckDB store):
+
+- for a file source whose files are all `ds=` partitions, a historical retrieval reads only the days that can hold
+  a row within [earliest entity timestamp - TTL, latest entity timestamp];
+- when every entity row has the same timestamp (batch scoring: everyone as of the end of ds), the point-in-time
+  join keys on the join keys alone (`as_of_join`). Feast's general join builds a text id of every entity row
+  (its timestamp and keys, cast and concatenated) and ranks and joins back on it: at one instant, the latest row
+  of each key is the same thing at about half the cost (0.17 vs 0.33 CPU-s for 100k users here).
+
+Everything else (materialization, pulls, writes) is the DuckDB store's.
 
 Selected in the store's config as `offline_store: {type: mtrec.features.offline.SnapshotDuckDBOfflineStore}`
 (Feast's custom offline store convention: the config class is the store's name + `Config`).
@@ -30,8 +36,16 @@ from feast.infra.offline_stores.duckdb import (
     _write_data_source,
 )
 from feast.infra.offline_stores.file_source import FileSource
-from feast.infra.offline_stores.ibis import get_historical_features_ibis
+from feast.infra.offline_stores.ibis import (
+    IbisRetrievalJob,
+    _get_entity_df_event_timestamp_range,
+    _to_utc,
+    deduplicate,
+    get_historical_features_ibis,
+)
+from feast.infra.offline_stores.offline_store import RetrievalMetadata
 from feast.infra.offline_stores.offline_utils import infer_event_timestamp_from_entity_df
+from feast.on_demand_feature_view import OnDemandFeatureView
 
 from mtrec.features.store import SNAPSHOT_STORE
 from mtrec.warehouse import as_utc
@@ -105,9 +119,83 @@ class SnapshotDuckDBOfflineStore(DuckDBOfflineStore):
                     return ibis.read_parquet(files)
             return _read_data_source(source, repo_path)
 
+        if window is not None and window[0] == window[1]:
+            return _one_instant(config, feature_views, feature_refs, entity_df, registry, project, reader,
+                                full_feature_names, filter_by_created_timestamp)
         return get_historical_features_ibis(
             config=config, feature_views=feature_views, feature_refs=feature_refs, entity_df=entity_df,
             registry=registry, project=project, full_feature_names=full_feature_names, data_source_reader=reader,
             data_source_writer=_write_data_source, staging_location=config.offline_store.staging_location,
             staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
             filter_by_created_timestamp=filter_by_created_timestamp)
+
+
+def as_of_join(entity, feature_tables, instant, filter_by_created_timestamp: bool = False):
+    """Feast's point-in-time join (`feast.infra.offline_stores.ibis.point_in_time_join`) for entity rows that all
+    have the timestamp `instant`: for each feature view, its rows stamped at or before the instant (and within its
+    TTL) whose keys an entity row has, the latest per key (then the latest created), left-joined on the keys.
+    `feature_tables`: (table, timestamp field, created timestamp field, join key map, feature columns, ttl) as
+    Feast's join takes them."""
+    import ibis
+
+    out, features = entity, []
+    at = ibis.literal(instant)
+    for table, ts, created, key_map, refs, ttl in feature_tables:
+        keep = [table[ts] <= at]
+        if ttl:
+            keep.append(table[ts] + ibis.literal(ttl) >= at)
+        if filter_by_created_timestamp and created:
+            keep.append(table[created] <= at)
+        keys = entity.select(*key_map.values()).distinct()
+        rows = table.filter(*keep).inner_join(keys, [table[k] == keys[v] for k, v in key_map.items()],
+                                               lname="", rname="{name}_y")
+        rows = deduplicate(rows.drop(*[c for c in rows.columns if c.endswith("_y")]), list(key_map),
+                           ts, created)
+        rows = rows.select(*[rows[k].name(f"{v}__key") for k, v in key_map.items()], *refs)
+        out = out.left_join(rows, [out[v] == rows[f"{v}__key"] for v in key_map.values()], lname="",
+                            rname="{name}_yyyy")
+        features += refs
+    return out.select(*entity.columns, *features)
+
+
+def _one_instant(config, feature_views, feature_refs, entity_df: pd.DataFrame, registry, project, reader,
+                 full_feature_names: bool, filter_by_created_timestamp: bool):
+    """`get_historical_features_ibis` with `as_of_join` for Feast's join: the same sources, renames and
+    on-demand views."""
+    import ibis
+    import ibis.expr.datatypes as idt
+
+    ts_col = infer_event_timestamp_from_entity_df(dict(zip(entity_df.columns, entity_df.dtypes, strict=True)))
+    span = _get_entity_df_event_timestamp_range(entity_df, ts_col)
+    entity_df = _to_utc(entity_df, ts_col)
+    instant = as_utc(entity_df[ts_col].iloc[:1]).iloc[0]
+    tables = []
+    for fv in feature_views:
+        if fv.batch_source is None:
+            raise ValueError(f"Feature view '{fv.name}' has no batch_source and cannot be queried.")
+        table = reader(fv.batch_source, str(config.repo_path))
+        for old, new in fv.batch_source.field_mapping.items():
+            if old in table.columns:
+                table = table.rename({new: old})
+        ts, created = fv.batch_source.timestamp_field, fv.batch_source.created_timestamp_column
+        table = table.mutate(**{c: table[c].cast(idt.Timestamp(timezone="UTC")) for c in [ts, created] if c})
+        prefix = fv.projection.name_to_use()
+        refs = [r.split(":")[1] for r in feature_refs if r.startswith(f"{prefix}:")]
+        if full_feature_names:
+            base = fv.projection.name_alias or fv.name
+            table = table.rename({f"{base}__{f}": f for f in refs})
+            refs = [f"{base}__{f}" for f in refs]
+        key_map = fv.projection.join_key_map or {e.name: e.name for e in fv.entity_columns}
+        tables.append((table, ts, created, key_map, refs, fv.ttl))
+    res = as_of_join(ibis.memtable(entity_df), tables, instant, filter_by_created_timestamp)
+    odfvs = OnDemandFeatureView.get_requested_odfvs(feature_refs, project, registry)
+    for odfv in odfvs:
+        if odfv.mode == "substrait":
+            res = odfv.transform_ibis(res, full_feature_names)
+    return IbisRetrievalJob(
+        res, [fv for fv in odfvs if fv.mode != "substrait"], full_feature_names,
+        metadata=RetrievalMetadata(features=feature_refs, keys=list(set(entity_df.columns) - {ts_col}),
+                                   min_event_timestamp=span[0], max_event_timestamp=span[1]),
+        data_source_writer=_write_data_source, staging_location=config.offline_store.staging_location,
+        staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
+        repo_path=str(config.repo_path))

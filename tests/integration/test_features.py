@@ -272,6 +272,47 @@ def test_snapshot_store_reads_only_the_days_it_can_match_and_equals_feasts_duckd
         assert {dt.date.fromisoformat(f.split("ds=")[1][:10]) for f in files} == days
 
 
+def test_one_instant_retrieval_keys_on_the_join_keys_and_equals_feasts_join(built, monkeypatch):
+    """Entity rows that all share one timestamp (batch scoring) are joined on their keys alone, without Feast's
+    general point-in-time join; the rows are Feast's own DuckDB store's, including repeated entity rows, unknown
+    keys, an attribute version planted after the instant (not seen) and before it (seen), full feature names
+    and the item side. Rows with two timestamps still go through Feast's join."""
+    import feast.infra.offline_stores.ibis as feast_ibis
+
+    cfg, _ = built
+    store, plain = FS.feature_store(cfg), FS.feature_store(cfg, offline_store={"type": "duckdb"})
+    general = []
+    join = feast_ibis.point_in_time_join
+    monkeypatch.setattr(feast_ibis, "point_in_time_join", lambda *a, **k: general.append(1) or join(*a, **k))
+    users = _user_scenarios(cfg)
+    rows = pd.concat([users, users.head(5), pd.DataFrame({"user_id": ["nobody", "u0000001"],
+                                                          "scenario": [users["scenario"].iat[0], "nowhere"]})])
+    items = pd.DataFrame({"item_id": [f"i{n:07d}" for n in range(90)], "scenario": users["scenario"].iat[0]})
+    planted = pd.Timestamp(DAY, tz="UTC") + pd.Timedelta(hours=12)
+
+    def both(entity, refs, **kw):
+        general.clear()
+        got, want = (s.get_historical_features(entity_df=entity, features=refs, **kw).to_df() for s in (store, plain))
+        ours = len(general) - 1  # (Feast's own store always joins once)
+        keys = [c for c in entity.columns if c != "event_timestamp"]
+        got, want = (f.sort_values(keys, kind="mergesort").reset_index(drop=True) for f in (got, want))
+        pd.testing.assert_frame_equal(got, want)
+        return got, ours
+
+    for instant in (planted - pd.Timedelta(seconds=1), planted, pd.Timestamp(END, tz="UTC") + pd.Timedelta(days=1)):
+        got, ours = both(rows.assign(event_timestamp=instant), FS.service_features(store, "user"))
+        assert ours == 0
+        assert len(got) == len(rows) and got["us_impressions_7d"].notna().any()
+        country = got.loc[got["user_id"] == "u0000001", "u_country"]
+        assert (country == "PLANTED").all() == (instant >= planted)
+        assert got.loc[got["user_id"] == "nobody", "u_country"].isna().all()
+    got, ours = both(items.assign(event_timestamp=planted), FS.service_features(store, "item"), full_feature_names=True)
+    assert ours == 0 and got.filter(like="item_scenario_stats__").notna().any().any()
+    two = rows.assign(event_timestamp=planted)
+    two.loc[two.index[:3], "event_timestamp"] = planted - pd.Timedelta(days=1)
+    assert both(two, FS.service_features(store, "user"))[1] == 1
+
+
 def test_retrieval_makes_entity_timestamps_utc_itself(built):
     """The store leaves entity timestamps as given (Feast's coercion is off: it boxes them into Python objects);
     mtrec's retrieval makes them UTC, so naive (taken as UTC) and zoned cut-offs of the same instant retrieve the
