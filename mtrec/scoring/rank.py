@@ -440,7 +440,7 @@ def _score_chunk(cfg: MtrecConfig, ds: dt.date, plan: ScenarioPlan, scorer: Scor
     back = torch.empty_like(order)
     back[order] = torch.arange(len(order))
     top = (top[0][back], top[1][back], {t: v[back] for t, v in top[2].items()})  # back to user order
-    table = _top_k(cfg, arrow_schema(cfg), ds, it.uni.scenario, ids, it.item_ids, *top, version=scorer.version,
+    table = _top_k(cfg, staging_schema(cfg), ds, it.uni.scenario, ids, it.item_ids, *top, version=scorer.version,
                    run_id=run_id, created_at=created_at)
     return len(ids), int(valid.sum()), table
 
@@ -533,15 +533,16 @@ def _score_grid(scorer: Scorer, u_side: dict, i_side: dict, cand: torch.Tensor, 
 def _top_k(cfg: MtrecConfig, schema: pa.Schema, ds: dt.date, scenario: str, ids: list[str], item_ids: pa.Array,
            top_s: torch.Tensor, top_i: torch.Tensor, top_p: dict[str, torch.Tensor], *, version: str,
            run_id: str, created_at: dt.datetime) -> pa.Table:
-    """The rows of daily_recommendations for a chunk from each user's top-k (padding dropped), ranks from 1."""
+    """The rows of daily_recommendations for a chunk from each user's top-k (padding dropped), ranks from 1, in
+    `staging_schema` (the ids as dictionaries over the chunk's users and the universe: no id is copied per row)."""
     keep = torch.isfinite(top_s)
-    rows_u = torch.arange(len(ids)).unsqueeze(1).expand_as(top_s)[keep]
+    rows_u = torch.arange(len(ids), dtype=torch.int32).unsqueeze(1).expand_as(top_s)[keep]
     n = int(keep.sum())
     columns = {
         "ds": _constant(ds, n, pa.date32()), "scenario": _constant(scenario, n, pa.string()),
-        "user_id": pa.array(ids, type=pa.string()).take(pa.array(rows_u.numpy())),
+        "user_id": pa.DictionaryArray.from_arrays(pa.array(rows_u.numpy()), pa.array(ids, type=pa.string())),
         "rank": pa.array((torch.arange(top_s.shape[1]) + 1).expand_as(top_s)[keep].numpy().astype(np.int64)),
-        "item_id": item_ids.take(pa.array(top_i[keep].numpy())),
+        "item_id": pa.DictionaryArray.from_arrays(pa.array(top_i[keep].numpy().astype(np.int32)), item_ids),
         "score": pa.array(top_s[keep].numpy().astype(np.float64))}
     for t in cfg.task_names:
         columns[S.prob_column(t)] = pa.array(top_p[t][keep].numpy().astype(np.float64)) \
@@ -557,3 +558,16 @@ def arrow_schema(cfg: MtrecConfig) -> pa.Schema:
              S.DOUBLE: pa.float64(), S.BIGINT: pa.int64(), S.BOOLEAN: pa.bool_()}
     spec = S.recommendations_spec(cfg)
     return pa.schema([pa.field(c, types[t]) for c, t in spec.columns.items()])
+
+
+DICTIONARY_COLUMNS = ("user_id", "item_id")
+
+
+def staging_schema(cfg: MtrecConfig) -> pa.Schema:
+    """`arrow_schema` with the ids as dictionaries (int32 indices), as the ranked chunks hold them. Written to
+    Parquet without the Arrow schema (`store_schema=False`), the columns are dictionary-encoded strings that read
+    back as `arrow_schema`'s plain strings."""
+    schema = arrow_schema(cfg)
+    for c in DICTIONARY_COLUMNS:
+        schema = schema.set(schema.get_field_index(c), pa.field(c, pa.dictionary(pa.int32(), pa.string())))
+    return schema

@@ -29,7 +29,8 @@ from mtrec.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 
-# columns that hold one value per staged file: dictionary-encoded (the others are not worth their dictionary)
+# columns that hold one value per staged file, and the ids (written from dictionaries): dictionary-encoded (the
+# others are not worth their dictionary)
 CONSTANT_COLUMNS = ["ds", "scenario", "model_version", "run_id", "created_at"]
 PLAN_AHEAD = 2  # segments planned ahead of the one being ranked (each holds its users' input tensors)
 # DuckDB worker threads (warehouse and Feast's offline store) once the lanes rank: a query then runs on its caller's
@@ -99,13 +100,14 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     from mtrec.features.training_set import retrieve_side, sequence_codes, set_offline_threads
     from mtrec.scoring.candidates import active_users
     from mtrec.scoring.rank import (
+        DICTIONARY_COLUMNS,
         ItemContext,
-        arrow_schema,
         item_contexts,
         plan_users,
         rank_plans,
         scoring_workers,
         segments,
+        staging_schema,
     )
 
     torch.set_num_threads(cfg.training.num_threads or 1)
@@ -125,7 +127,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         raise StageError(f"unknown scenario(s) {unknown}: known are {all_scen}", table="events", column="scenario", ds=ds)
     out = scores_dir(cfg, ds, run_id)
     out.mkdir(parents=True, exist_ok=True)
-    schema = arrow_schema(cfg)
+    schema = staging_schema(cfg)
     created = dt.datetime.now(dt.UTC)  # bookkeeping column only
     rows: dict[str, int] = {}
     started, cpu_started, forward_started = time.perf_counter(), time.process_time(), scorer.forward_cpu_seconds
@@ -218,8 +220,10 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         for scenario, table in rank_plans(cfg, ds, planned(), scorer, run_id=run_id, created_at=created,
                                           on_chunk=lambda _s, u, p: (bar.update(u), pairs.append(p))):
             if scenario not in writers:
-                writers[scenario] = pq.ParquetWriter(tmp_path(scenario), schema, use_dictionary=CONSTANT_COLUMNS,
-                                                     write_statistics=False)  # read whole by publish
+                # (read whole by publish, as plain strings: no statistics, no Arrow schema)
+                writers[scenario] = pq.ParquetWriter(tmp_path(scenario), schema, write_statistics=False,
+                                                     use_dictionary=[*CONSTANT_COLUMNS, *DICTIONARY_COLUMNS],
+                                                     store_schema=False)
             if table is not None:
                 writers[scenario].write_table(table)
                 counts[scenario] += table.num_rows

@@ -6,6 +6,7 @@ import datetime as dt
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from mtrec.config import load_config
@@ -130,6 +131,15 @@ def test_chunking_does_not_change_the_lists(world, workers, monkeypatch):
     b = pd.read_parquet(f"{small.scores_dir}/home.parquet")
     assert a["user_id"].nunique() > 3 * 16  # several chunks
     pd.testing.assert_frame_equal(_content(a), _content(b))
+    # the ids were staged from dictionaries: dictionary-encoded in the file, plain strings of the table's schema
+    # when read
+    from mtrec.scoring.rank import arrow_schema
+
+    staged = pq.ParquetFile(f"{small.scores_dir}/home.parquet")
+    assert staged.schema_arrow == arrow_schema(small_cfg) and staged.metadata.num_row_groups > 3
+    for column in ("user_id", "item_id"):
+        chunk = staged.metadata.row_group(1).column(staged.schema_arrow.get_field_index(column))
+        assert chunk.path_in_schema == column and chunk.dictionary_page_offset is not None
 
 
 def test_eager_scoring_gives_the_traced_lists(world):
