@@ -175,8 +175,8 @@ class ScoringSpec(_Section):
     active_window_days: int = Field(7, ge=1)
     batch_users: int = Field(8192, ge=1)
     workers: int = Field(0, ge=0, description="threads scoring user chunks side by side; 0 = one per CPU")
-    retrieval_users: int = Field(100_000, ge=1, description="users whose features are retrieved from Feast at once "
-                                 "(bounds memory; each retrieval also pays a fixed cost, about 0.2-0.3 s here)")
+    retrieval_users: int = Field(250_000, ge=1, description="users whose features are retrieved from Feast at once "
+                                 "(bounds memory; each retrieval also pays a fixed cost, about 0.1 s here)")
     trace: bool = Field(True, description="score pairs with a TorchScript trace of the model's pair grid (runs "
                         "without the GIL, so lanes do not wait for each other; checked against eager on the first "
                         "block); off: eager")

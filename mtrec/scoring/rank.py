@@ -1,8 +1,9 @@
 """Batched top-K ranking: item side once per (item, scenario), user side once per (user, scenario), pairs in blocks.
 
-Memory is bounded by the feature segment (`scoring.retrieval_users`; the stage plans up to two ahead of the one
-being ranked), the user chunk (`scoring.batch_users`, times `scoring.workers` in flight) and the pair block, never by
-the number of users: rows are streamed to Parquet as chunks finish.
+Memory is bounded by the feature retrieval (`scoring.retrieval_users`), the segment of users planned at once
+(SEGMENT_USERS; the stage plans up to two ahead of the one being ranked), the user chunk (`scoring.batch_users`,
+times `scoring.workers` in flight) and the pair block, never by the number of users: rows are streamed to Parquet
+as chunks finish.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ TAIL_SPLIT = 4  # the stage's last chunks are this many times smaller (the lanes
 # planning a user (features, sequences, inputs) costs about a quarter of ranking it here: a segment this many times
 # the previous is planned while the previous is ranked
 RAMP = 4
+SEGMENT_USERS = 100_000  # users planned at once (their input tensors; up to 3 segments are held at a time)
 WARM_UP_USERS = 64  # users of the first plan scored WARM_UP_RUNS times while the lanes build their first chunks
 WARM_UP_RUNS = 2  # the trace is made on the first; TorchScript profiles the second, then optimizes the graph
 
@@ -371,10 +373,10 @@ def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[
 def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext, users: list[str], scorer: Scorer,
                sequences: SequenceCodes, *, store=None, features: pd.DataFrame | None = None,
                tail: int = 0) -> ScenarioPlan:
-    """The user-side features of a segment of a scenario's users (at most `scoring.retrieval_users`: memory does
-    not grow with the number of users). `sequences`: the behaviour sequences as of the end of ds, fetched once
-    for the users of every scenario (a user's sequence does not depend on the scenario). `features`: the
-    segment's user-side retrieval when already made (`retrieve_side`). `tail`: see `ScenarioPlan.chunks`."""
+    """The user-side features of a segment of a scenario's users (`segments`: memory does not grow with the
+    number of users). `sequences`: the behaviour sequences as of the end of ds, fetched once for the users of
+    every scenario (a user's sequence does not depend on the scenario). `features`: the user-side retrieval of
+    the segment's block (`retrieval_blocks`, `retrieve_side`) when already made. `tail`: see `ScenarioPlan.chunks`."""
     from mtrec.features import store as FS
     from mtrec.features.training_set import retrieve_side
 
@@ -394,11 +396,11 @@ def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext,
 
 
 def segments(cfg: MtrecConfig, users: list[str], *, first: bool = False) -> list[list[str]]:
-    """A scenario's users in the segments whose features are retrieved at once (`scoring.retrieval_users`).
-    `first`: the stage's first segment is only as large as the chunks its lanes take at once, so that ranking
-    starts sooner, and each next one at most RAMP times the previous, so that it is planned while the previous
-    is ranked."""
-    n = cfg.scoring.retrieval_users
+    """A scenario's users in the segments planned at once (their input tensors: at most SEGMENT_USERS, and at
+    most `scoring.retrieval_users`). `first`: the stage's first segment is only as large as the chunks its lanes
+    take at once, so that ranking starts sooner, and each next one at most RAMP times the previous, so that it
+    is planned while the previous is ranked."""
+    n = min(cfg.scoring.retrieval_users, SEGMENT_USERS)
     size = min(n, cfg.scoring.batch_users * scoring_workers(cfg)) if first else n
     out, start = [], 0
     while start < len(users):
@@ -406,6 +408,22 @@ def segments(cfg: MtrecConfig, users: list[str], *, first: bool = False) -> list
         start += size
         size = min(n, size * RAMP)
     return out
+
+
+def retrieval_blocks(cfg: MtrecConfig, parts: list[list[str]], *, first: bool = False) -> list[list[list[str]]]:
+    """A scenario's segments (`segments`) grouped into the blocks whose users' features are retrieved from Feast
+    at once: consecutive segments holding at most `scoring.retrieval_users` users together (each retrieval pays a
+    fixed cost). `first`: the stage's first segment is a block of its own (it is fetched while the item side is
+    built)."""
+    blocks: list[list[list[str]]] = []
+    size = 0
+    for i, part in enumerate(parts):
+        if not blocks or (first and i == 1) or size + len(part) > cfg.scoring.retrieval_users:
+            blocks.append([])
+            size = 0
+        blocks[-1].append(part)
+        size += len(part)
+    return blocks
 
 
 def _chunk_inputs(cfg: MtrecConfig, plan: ScenarioPlan, scorer: Scorer, rows: slice) -> tuple:

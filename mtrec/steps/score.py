@@ -105,6 +105,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         item_contexts,
         plan_users,
         rank_plans,
+        retrieval_blocks,
         scoring_workers,
         segments,
         staging_schema,
@@ -139,8 +140,10 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     # (scenario, its users' segment, last segment?) in order; a scenario without users or items still gets an
     # (empty) staged file
     # (the very first segment only as large as the lanes take at once: ranking starts sooner)
-    tasks = [(scenario, part, i == len(parts) - 1) for n, scenario in enumerate(todo)
-             for parts in [segments(cfg, people[scenario], first=n == 0) or [[]]] for i, part in enumerate(parts)]
+    # with the block of segments whose features are retrieved at once (the stage's first segment is fetched apart)
+    tasks = [(scenario, part, last and i == len(block) - 1, block) for n, scenario in enumerate(todo)
+             for blocks in [retrieval_blocks(cfg, segments(cfg, people[scenario], first=n == 0) or [[]], first=n == 0)]
+             for b, block in enumerate(blocks) for last in [b == len(blocks) - 1] for i, part in enumerate(block)]
 
     def fetch_sequences():
         """Behaviour sequences depend on the user only: one pass for the users of every scenario, in a thread
@@ -153,7 +156,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     # the first segment's own user features and sequences, fetched while the planner builds the universes and
     # the item side (ranking starts without waiting for everyone's sequences, and the first user retrieval
     # does not wait for the item side)
-    head_scenario, head, _ = tasks[0] if tasks else ("", [], True)
+    head_scenario, head, _, _ = tasks[0] if tasks else ("", [], True, [])
     head_features = opening.submit(lambda: retrieve_side(cfg, ds, "user", head, head_scenario,
                                                          store=store_ready.result()))
     head_sequences = opening.submit(sequence_codes, wh, cfg, head, cutoff)
@@ -171,7 +174,18 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
 
     scenario_items = None  # item_contexts(...): its body runs in the planner thread, at the first scenario
 
-    def plan(scenario: str, part: list[str], last: bool, first: bool = False, final: bool = False):
+    retrieved: dict[int, pd.DataFrame] = {}  # the user-side features of the block being planned
+
+    def block_features(scenario: str, block: list[list[str]]) -> pd.DataFrame:
+        """One retrieval for a block's segments, made at its first."""
+        if id(block) not in retrieved:
+            retrieved.clear()
+            retrieved[id(block)] = retrieve_side(cfg, ds, "user", [u for part in block for u in part], scenario,
+                                                 store=store_ready.result())
+        return retrieved[id(block)]
+
+    def plan(scenario: str, part: list[str], last: bool, block: list[list[str]], first: bool = False,
+             final: bool = False):
         nonlocal scenario_items
         t = time.perf_counter()
         if scenario not in contexts:  # the item side once per scenario (tasks run in order, in one thread)
@@ -186,6 +200,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
                 (sequences_ready.result(), None)
             if not first:  # (no warehouse query is left in the opening threads)
                 go_lean()
+                features = block_features(scenario, block)
             p = plan_users(cfg, wh, ds, items, part, scorer, sequences, store=store_ready.result(),
                            features=features, tail=scoring_workers(cfg) if final else 0)
         log.info("score %s %s: %d users planned in %.1f s", ds, scenario, len(part), time.perf_counter() - t)

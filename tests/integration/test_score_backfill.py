@@ -98,9 +98,10 @@ def test_score_lists_are_complete_ranked_and_exclude_seen_items(world):
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_chunking_does_not_change_the_lists(world, workers, monkeypatch):
-    """Memory is bounded by the user chunk and the feature segment, and chunks are scored side by side; the
-    result (rows and their order) must depend on none of them. Once the lanes rank, DuckDB's queries run on one
-    thread; the warehouse's and the offline store's settings are restored after the stage."""
+    """Memory is bounded by the user chunk, the segment planned at once and the feature retrieval, and chunks are
+    scored side by side; the result (rows and their order) must depend on none of them. Once the lanes rank,
+    DuckDB's queries run on one thread; the warehouse's and the offline store's settings are restored after the
+    stage."""
     import ibis
 
     from mtrec.features.training_set import set_offline_threads
@@ -113,6 +114,7 @@ def test_chunking_does_not_change_the_lists(world, workers, monkeypatch):
     big = score.run(big_cfg, ds, run_id="t-big", scenarios=["home"])
     small_cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={
         "batch_users": 16, "workers": workers, "retrieval_users": 40})})  # features fetched 40 users at a time
+    monkeypatch.setattr("mtrec.scoring.rank.SEGMENT_USERS", 20)  # planned 20 at a time: two per retrieval
     offline = set_offline_threads(small_cfg, 3)  # (not this machine's default: a restore to it would show)
     wh = open_warehouse(small_cfg)
     try:

@@ -18,6 +18,7 @@ from mtrec.scoring.rank import (
     WARM_UP_USERS,
     ScenarioPlan,
     Scorer,
+    retrieval_blocks,
     segments,
     warm_up,
 )
@@ -101,3 +102,22 @@ def test_segments_ramp_up_at_the_start_of_the_stage(tmp_path, n_users, first, si
     users = [f"u{i}" for i in range(n_users)]
     got = segments(cfg, users, first=first)
     assert [len(s) for s in got] == sizes and [u for s in got for u in s] == users
+
+
+@pytest.mark.parametrize("retrieval_users, first, blocks", [
+    (40, False, [[8, 32], [40], [20]]),
+    (80, False, [[8, 32, 40], [20]]),
+    (80, True, [[8], [32, 40], [20]]),  # the stage's first segment is fetched on its own
+    (1000, False, [[8, 32, 40, 20]]),
+])
+def test_retrieval_blocks_group_segments_up_to_retrieval_users(tmp_path, monkeypatch, retrieval_users, first,
+                                                                blocks):
+    """Segments (planned at once) stay at most SEGMENT_USERS; consecutive ones share one Feast retrieval up to
+    `scoring.retrieval_users` users."""
+    cfg = load_config(environ={}, overrides={"home": str(tmp_path), "scoring": {
+        "batch_users": 4, "workers": 2, "retrieval_users": retrieval_users}})
+    parts = [[f"u{i}"] * n for i, n in enumerate([8, 32, 40, 20])]
+    got = retrieval_blocks(cfg, parts, first=first)
+    assert [[len(p) for p in b] for b in got] == blocks and [p for b in got for p in b] == parts
+    monkeypatch.setattr("mtrec.scoring.rank.SEGMENT_USERS", 30)
+    assert max(len(s) for s in segments(cfg, [f"u{i}" for i in range(100)])) == 30
