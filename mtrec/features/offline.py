@@ -121,8 +121,8 @@ class SnapshotDuckDBOfflineStore(DuckDBOfflineStore):
             return _read_data_source(source, repo_path)
 
         if window is not None and window[0] == window[1]:
-            return _one_instant(config, feature_views, feature_refs, entity_df, registry, project, reader,
-                                full_feature_names, filter_by_created_timestamp)
+            return _one_instant(config, feature_views, feature_refs, entity_df, window[0], registry, project,
+                                reader, full_feature_names, filter_by_created_timestamp)
         return get_historical_features_ibis(
             config=config, feature_views=feature_views, feature_refs=feature_refs, entity_df=entity_df,
             registry=registry, project=project, full_feature_names=full_feature_names, data_source_reader=reader,
@@ -159,17 +159,16 @@ def as_of_join(entity, feature_tables, instant, filter_by_created_timestamp: boo
     return out.select(*entity.columns, *features)
 
 
-def _one_instant(config, feature_views, feature_refs, entity_df: pd.DataFrame, registry, project, reader,
+def _one_instant(config, feature_views, feature_refs, entity_df: pd.DataFrame, instant, registry, project, reader,
                  full_feature_names: bool, filter_by_created_timestamp: bool):
-    """`get_historical_features_ibis` with `as_of_join` for Feast's join: the same sources, renames and
-    on-demand views."""
+    """`get_historical_features_ibis` with `as_of_join` for Feast's join (`instant`: every entity row's timestamp,
+    in UTC): the same sources, renames and on-demand views."""
     import ibis
     import ibis.expr.datatypes as idt
 
     ts_col = infer_event_timestamp_from_entity_df(dict(zip(entity_df.columns, entity_df.dtypes, strict=True)))
     span = _get_entity_df_event_timestamp_range(entity_df, ts_col)
     entity_df = _to_utc(entity_df, ts_col)
-    instant = as_utc(entity_df[ts_col].iloc[:1]).iloc[0]
     tables = []
     for fv in feature_views:
         if fv.batch_source is None:

@@ -141,9 +141,11 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     # (empty) staged file
     # (the very first segment only as large as the lanes take at once: ranking starts sooner)
     # with the block of segments whose features are retrieved at once (the stage's first segment is fetched apart)
-    tasks = [(scenario, part, last and i == len(block) - 1, block) for n, scenario in enumerate(todo)
-             for blocks in [retrieval_blocks(cfg, segments(cfg, people[scenario], first=n == 0) or [[]], first=n == 0)]
-             for b, block in enumerate(blocks) for last in [b == len(blocks) - 1] for i, part in enumerate(block)]
+    tasks = []
+    for n, scenario in enumerate(todo):
+        parts = segments(cfg, people[scenario], first=n == 0) or [[]]
+        for block in retrieval_blocks(cfg, parts, first=n == 0):
+            tasks += [(scenario, part, part is parts[-1], block) for part in block]
 
     def fetch_sequences():
         """Behaviour sequences depend on the user only: one pass for the users of every scenario, in a thread
