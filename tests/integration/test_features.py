@@ -14,6 +14,7 @@ from mtrec.data.generate import generate_into_warehouse
 from mtrec.data.raw import load_frames
 from mtrec.features import aggregates as A
 from mtrec.features import store as FS
+from mtrec.features.offline import InstantRetrievalJob
 from mtrec.features.training_set import (
     _retrieve,
     build_scoring_table,
@@ -308,6 +309,12 @@ def test_one_instant_retrieval_keys_on_the_join_keys_and_equals_feasts_join(buil
         assert got.loc[got["user_id"] == "nobody", "u_country"].isna().all()
     got, ours = both(items.assign(event_timestamp=planted), FS.service_features(store, "item"), full_feature_names=True)
     assert ours == 0 and got.filter(like="item_scenario_stats__").notna().any().any()
+    # one DuckDB query, no ibis expression compiled; the expression (persisting, export) is the same rows
+    job = store.get_historical_features(entity_df=rows.assign(event_timestamp=planted),
+                                        features=FS.service_features(store, "user"))
+    assert isinstance(job, InstantRetrievalJob) and job._table is None
+    keys = [("user_id", "ascending"), ("scenario", "ascending")]
+    assert job.table.to_pyarrow().sort_by(keys).equals(job.to_arrow().sort_by(keys))
     two = rows.assign(event_timestamp=planted)
     two.loc[two.index[:3], "event_timestamp"] = planted - pd.Timedelta(days=1)
     assert both(two, FS.service_features(store, "user"))[1] == 1
