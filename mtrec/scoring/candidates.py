@@ -154,6 +154,40 @@ class SimilarItems:
         return top
 
 
+class SimilarCache:
+    """Users' similar items kept across the scenarios of a stage. A user's positives and the title embeddings do
+    not depend on the scenario: when two scenarios' universes hold the same items (in whatever order), a user's
+    nearest items are the same, so a user met in an earlier scenario is looked up, not ranked again (most users
+    are active in several scenarios). Entries are positions in the sorted universe; a scenario with another
+    universe starts the cache afresh. Used from one thread (the score stage's planner)."""
+
+    def __init__(self) -> None:
+        self.items: np.ndarray | None = None  # the sorted universe the entries are over
+        self.users = pd.Index([], dtype=object)
+        self.codes = np.zeros((0, 0), np.int32)  # [users, k] positions in `items`, -1: none
+
+    def top(self, similar: SimilarItems, items: list[str], users: list[str], seen: torch.Tensor) -> torch.Tensor:
+        """`similar.top(seen)` of `users` (distinct; `seen` their rows), for the universe `items`."""
+        order = np.argsort(np.asarray(items, dtype=object), kind="stable")  # sorted position -> universe index
+        ranked = np.asarray(items, dtype=object)[order]
+        if self.items is None or self.codes.shape[1] != similar.k or not np.array_equal(ranked, self.items):
+            self.items, self.users = ranked, pd.Index([], dtype=object)
+            self.codes = np.zeros((0, similar.k), np.int32)
+        pos = self.users.get_indexer(pd.Index(users))
+        hit = pos >= 0
+        out = torch.from_numpy(np.append(order, -1)[self.codes[np.where(hit, pos, 0)]]) if len(self.users) else \
+            torch.full((len(users), similar.k), -1, dtype=torch.long)
+        miss = np.flatnonzero(~hit)
+        if len(miss):
+            got = similar.top(seen[torch.from_numpy(miss)])
+            out[torch.from_numpy(miss)] = got
+            to_sorted = np.full(len(order) + 1, -1, np.int32)  # (universe index -1, none, stays -1)
+            to_sorted[order] = np.arange(len(order), dtype=np.int32)
+            self.users = self.users.append(pd.Index(users)[miss])
+            self.codes = np.concatenate([self.codes, to_sorted[got.numpy()]])
+        return out
+
+
 def _top_indices(x: torch.Tensor, k: int, group: int = TOP_GROUP) -> torch.Tensor:
     """Indices of the k largest values of each row of x (CPU), in no particular order: the same set as
     torch.topk (up to ties), about 3x faster on rows of 2000 here. The columns are split into `group` strided
@@ -191,11 +225,12 @@ def similar_items(cfg: MtrecConfig, embeddings: ItemEmbeddings | None, items: li
     return SimilarItems(vectors, has_vector, cfg.scoring.candidates.similar)
 
 
-def candidate_grid(cfg: MtrecConfig, uni: Universe, seen: torch.Tensor,
-                   similar: SimilarItems | None) -> tuple[torch.Tensor, torch.Tensor]:
+def candidate_grid(cfg: MtrecConfig, uni: Universe, seen: torch.Tensor, similar: SimilarItems | None,
+                   top: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each user's candidates as a padded grid: (cand [U, W] universe indices, valid [U, W]).
 
     seen [U, L]: universe index of each item of the user's recent positives (-1: none or not in the universe).
+    top: the users' similar items when already ranked (`similar.top(seen)`, or a `SimilarCache`'s).
     Candidates = the scenario's popular and fresh items + the user's similar items, minus seen items when
     `exclude_seen`; each row lists its candidates in universe order, then padding (index 0, valid False).
     The common items are sorted and distinct, and so are a user's similar items: a similar item is dropped when
@@ -211,7 +246,7 @@ def candidate_grid(cfg: MtrecConfig, uni: Universe, seen: torch.Tensor,
     cand = [common.unsqueeze(0).expand(n_users, -1)]
     dropped = [seen_mask[:, common] if seen_mask is not None else torch.zeros((n_users, len(common)), dtype=torch.bool)]
     if similar is not None and seen.shape[1] and similar.k and n_items:
-        top = similar.top(seen)  # distinct per row; -1: no profile
+        top = similar.top(seen) if top is None else top  # distinct per row; -1: no profile
         is_common = torch.zeros(n_items, dtype=torch.bool)
         is_common[common] = True
         drop = (top < 0) | is_common[top.clamp(min=0)]

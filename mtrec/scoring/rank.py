@@ -30,7 +30,14 @@ from mtrec.config import MtrecConfig
 from mtrec.features.frame import ItemEmbeddings
 from mtrec.features.store import Attributes
 from mtrec.features.training_set import SequenceCodes, build_scoring_table
-from mtrec.scoring.candidates import SimilarItems, Universe, candidate_grid, similar_items, universe
+from mtrec.scoring.candidates import (
+    SimilarCache,
+    SimilarItems,
+    Universe,
+    candidate_grid,
+    similar_items,
+    universe,
+)
 from mtrec.training.encoding import to_device
 from mtrec.warehouse import Warehouse
 
@@ -324,6 +331,7 @@ class ScenarioPlan:
     batch: dict[str, torch.Tensor]
     seen: torch.Tensor  # [n_users, sequence length]
     tail: int = 0  # the stage's last plan: lanes to even out at its end
+    similar: torch.Tensor | None = None  # [n_users, k] their similar items when ranked at planning (SimilarCache)
 
     def chunks(self) -> list[slice]:
         """The rows of the user chunks ranked at once (`scoring.batch_users`). The stage's last plan ends in
@@ -372,11 +380,13 @@ def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[
 
 def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext, users: list[str], scorer: Scorer,
                sequences: SequenceCodes, *, store=None, features: pd.DataFrame | None = None,
-               tail: int = 0) -> ScenarioPlan:
+               tail: int = 0, similar: SimilarCache | None = None) -> ScenarioPlan:
     """The user-side features of a segment of a scenario's users (`segments`: memory does not grow with the
     number of users). `sequences`: the behaviour sequences as of the end of ds, fetched once for the users of
     every scenario (a user's sequence does not depend on the scenario). `features`: the user-side retrieval of
-    the segment's block (`retrieval_blocks`, `retrieve_side`) when already made. `tail`: see `ScenarioPlan.chunks`."""
+    the segment's block (`retrieval_blocks`, `retrieve_side`) when already made. `tail`: see `ScenarioPlan.chunks`.
+    `similar`: the stage's cache of users' similar items (ranked here, for the users it does not hold, instead of
+    per chunk)."""
     from mtrec.features import store as FS
     from mtrec.features.training_set import retrieve_side
 
@@ -391,8 +401,10 @@ def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext,
     seq = sequences.rows(users)  # codes: each distinct item is looked up once, not once per position
     seen = torch.from_numpy(items.item_index.get_indexer(pd.Index(seq.items))[seq.codes].astype(np.int64)) \
         if seq.codes.size else torch.full((len(users), 0), -1, dtype=torch.long)
+    top = similar.top(items.similar, items.uni.items, users, seen) \
+        if similar is not None and items.similar is not None else None
     return ScenarioPlan(items=items, users=users, batch=scorer.encode(replace(user_rows, sequences=seq), sides=("user",)),
-                        seen=seen, tail=tail)
+                        seen=seen, tail=tail, similar=top)
 
 
 def segments(cfg: MtrecConfig, users: list[str], *, first: bool = False) -> list[list[str]]:
@@ -429,7 +441,8 @@ def retrieval_blocks(cfg: MtrecConfig, parts: list[list[str]], *, first: bool = 
 def _chunk_inputs(cfg: MtrecConfig, plan: ScenarioPlan, scorer: Scorer, rows: slice) -> tuple:
     """(order, blocks, user side, cand, valid) of the plan's users `rows`, users in `pair_blocks` order."""
     it = plan.items
-    cand, valid = candidate_grid(cfg, it.uni, plan.seen[rows], it.similar)
+    cand, valid = candidate_grid(cfg, it.uni, plan.seen[rows], it.similar,
+                                 None if plan.similar is None else plan.similar[rows])
     order, blocks = pair_blocks(valid)
     # the user side of the chunk's users in block order (the inputs are gathered, not the larger outputs)
     return order, blocks, scorer.user_side(plan.batch, order + rows.start), cand[order], valid[order]

@@ -98,7 +98,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     from mtrec.data.raw import end_of_day, known_scenarios
     from mtrec.features import store as FS
     from mtrec.features.training_set import retrieve_side, sequence_codes, set_offline_threads
-    from mtrec.scoring.candidates import active_users
+    from mtrec.scoring.candidates import SimilarCache, active_users
     from mtrec.scoring.rank import (
         DICTIONARY_COLUMNS,
         ItemContext,
@@ -177,6 +177,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     scenario_items = None  # item_contexts(...): its body runs in the planner thread, at the first scenario
 
     retrieved: dict[int, pd.DataFrame] = {}  # the user-side features of the block being planned
+    similar = SimilarCache()  # users' similar items, reused by the next scenarios (same universe)
 
     def block_features(scenario: str, block: list[list[str]]) -> pd.DataFrame:
         """One retrieval for a block's segments, made at its first."""
@@ -204,7 +205,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
                 go_lean()
                 features = block_features(scenario, block)
             p = plan_users(cfg, wh, ds, items, part, scorer, sequences, store=store_ready.result(),
-                           features=features, tail=scoring_workers(cfg) if final else 0)
+                           features=features, tail=scoring_workers(cfg) if final else 0, similar=similar)
         log.info("score %s %s: %d users planned in %.1f s", ds, scenario, len(part), time.perf_counter() - t)
         return scenario, p, last
 

@@ -129,3 +129,39 @@ def test_users_with_one_positive_item_take_its_own_list(monkeypatch):
     assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])  # the same item: the same list
     assert not torch.equal(got[0], got[3])  # two items: their bag
     assert bool((got[4] == -1).all())  # no profile
+
+
+def test_similar_cache_ranks_a_user_once_across_scenarios_with_the_same_universe():
+    """A user met again in a scenario whose universe holds the same items (in another order) takes the similar
+    items ranked before, mapped to that universe's indices; users not met yet are ranked; a universe with other
+    items starts afresh. The lists are the ranked ones either way."""
+    cfg = load_config(environ={}, overrides={"scoring": {"candidates": {"similar": 20}}})
+    uni, emb, seen = _world(seed=3)
+    users = [f"u{i}" for i in range(len(seen))]
+    perm = np.random.default_rng(1).permutation(len(uni.items))  # the second scenario's order of the same items
+    items2 = [uni.items[p] for p in perm]
+    where = np.empty(len(perm), np.int64)
+    where[perm] = np.arange(len(perm))
+    seen2 = torch.from_numpy(np.where(seen.numpy() >= 0, where[seen.numpy().clip(0)], -1))
+    fewer = uni.items[:-1]  # a third scenario without one of the items
+    seen3 = torch.where(seen == len(fewer), -1, seen)
+
+    def as_ids(top, items):
+        return [{items[j] for j in row if j >= 0} for row in top.tolist()]
+
+    cache, ranked = C.SimilarCache(), []
+    sims = [C.similar_items(cfg, emb, its) for its in (uni.items, items2, fewer)]
+    for sim in sims:
+        top = sim.top
+        sim.top = lambda s, top=top: ranked.append(len(s)) or top(s)
+    first = cache.top(sims[0], uni.items, users[:40], seen[:40])
+    assert ranked == [40] and as_ids(first, uni.items) == as_ids(sims[0].top(seen[:40]), uni.items)
+    ranked.clear()
+    again = cache.top(sims[1], items2, users[20:], seen2[20:])
+    assert ranked == [len(users) - 40]  # only the users not met before
+    assert as_ids(again, items2) == as_ids(sims[1].top(seen2[20:]), items2)
+    assert as_ids(again[:20], items2) == as_ids(first[20:], uni.items)
+    assert sum(len(r) > 0 for r in as_ids(again, items2)) > len(again) // 2  # real lists, not all empty
+    ranked.clear()
+    third = cache.top(sims[2], fewer, users, seen3)
+    assert ranked == [len(users)] and as_ids(third, fewer) == as_ids(sims[2].top(seen3), fewer)
