@@ -168,8 +168,9 @@ class SimilarCache:
 
     def top(self, similar: SimilarItems, items: list[str], users: list[str], seen: torch.Tensor) -> torch.Tensor:
         """`similar.top(seen)` of `users` (distinct; `seen` their rows), for the universe `items`."""
-        order = np.argsort(np.asarray(items, dtype=object), kind="stable")  # sorted position -> universe index
-        ranked = np.asarray(items, dtype=object)[order]
+        ids = np.asarray(items, dtype=object)
+        order = np.argsort(ids, kind="stable")  # sorted position -> universe index
+        ranked = ids[order]
         if self.items is None or self.codes.shape[1] != similar.k or not np.array_equal(ranked, self.items):
             self.items, self.users = ranked, pd.Index([], dtype=object)
             self.codes = np.zeros((0, similar.k), np.int32)
