@@ -129,9 +129,11 @@ class SimilarItems:
     def top(self, seen: torch.Tensor) -> torch.Tensor:
         """seen [U, L] universe indices (-1: none) -> [U, k] nearest items (in no particular order), -1 for users
         without a profile."""
+        top = torch.full((len(seen), self.k), -1, dtype=torch.long)
+        if not seen.shape[1]:  # no positives kept (sequence length 0): no profile
+            return top
         ok = seen >= 0
         ok[ok.clone()] = self.has_vector[seen[ok]]
-        top = torch.full((len(seen), self.k), -1, dtype=torch.long)
         rest = ok.any(1)  # users without a titled positive have no profile
         if self.item_top is not None:
             hi = torch.where(ok, seen, -1).amax(1)

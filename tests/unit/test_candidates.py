@@ -165,3 +165,5 @@ def test_similar_cache_ranks_a_user_once_across_scenarios_with_the_same_universe
     ranked.clear()
     third = cache.top(sims[2], fewer, users, seen3)
     assert ranked == [len(users)] and as_ids(third, fewer) == as_ids(sims[2].top(seen3), fewer)
+    # no positives kept (sequence length 0): no profile, no list
+    assert bool((C.SimilarCache().top(sims[0], uni.items, users, seen[:, :0]) == -1).all())
