@@ -337,7 +337,9 @@ def service_features(store, side: str) -> list[str]:
         return _service_features(store, side)
     stamp = (proto.last_updated.seconds, proto.last_updated.nanos)
     memo = getattr(store, "_mtrec_service_refs", None)  # (registry proto, its last update, {side: refs})
-    if memo is None or memo[0] is not proto or memo[1] != stamp:
+    # the same registry: the same proto, or one reloaded with the same last update (Feast's retrievals reload
+    # the cached proto)
+    if memo is None or memo[1] != stamp or (memo[0] is not proto and stamp == (0, 0)):
         memo = store._mtrec_service_refs = (proto, stamp, {})
     if side not in memo[2]:
         memo[2][side] = _service_features(store, side)

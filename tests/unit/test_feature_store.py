@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def test_preload_imports_every_listed_module():
     # in a fresh interpreter: a listed module that no longer exists (a Feast or ibis upgrade) is skipped silently
@@ -47,9 +49,10 @@ def _apply(cfg, store, attrs):
     store.apply(FS.definitions(cfg, attrs))
 
 
-def test_service_features_follow_the_registry(tmp_path):
-    """The service's feature references are kept on the store between calls, until its registry changes: a
-    re-apply with another attribute column, through the same store or another one, shows at once."""
+def test_service_features_follow_the_registry(tmp_path, monkeypatch):
+    """The service's feature references are kept on the store between calls, also when the store reloads the
+    same registry (as its retrievals do), until the registry changes: a re-apply with another attribute column,
+    through the same store or another one, shows at once."""
     from mtrec.config import load_config
     from mtrec.features import store as FS
 
@@ -58,7 +61,11 @@ def test_service_features_follow_the_registry(tmp_path):
     _apply(cfg, store, FS.Attributes(("country",), ("age",), ("genre",), ()))
     first = FS.service_features(store, "user")
     assert "user_attributes:u_age" in first and "user_attributes:u_tenure" not in first
-    assert FS.service_features(store, "user") == first  # (from the memo)
+    with monkeypatch.context() as m:  # from the memo: the service is not rebuilt
+        m.setattr(FS, "_service_features", lambda *a: pytest.fail("rebuilt for an unchanged registry"))
+        assert FS.service_features(store, "user") == first
+        store.refresh_registry()  # the same registry, reloaded
+        assert FS.service_features(store, "user") == first
     _apply(cfg, store, FS.Attributes(("country",), ("age", "tenure"), ("genre",), ()))
     assert sorted(FS.service_features(store, "user")) == sorted(first + ["user_attributes:u_tenure"])
     other = FS.feature_store(cfg)
@@ -90,3 +97,30 @@ def test_snapshot_files_are_the_days_a_window_can_match(tmp_path):
     assert days(dt.datetime(2025, 1, 1, tzinfo=utc), dt.datetime(2025, 1, 2, tzinfo=utc)) is None
     (tmp_path / "all.parquet").touch()
     assert days(end_of_5 - dt.timedelta(days=1), end_of_5) is None
+
+
+def test_optimizer_rules_are_off_for_the_block_only():
+    """The one-instant retrieval's query runs with DuckDB's top-N window rewrite off; the connection's own
+    setting is back afterwards (also after a failure), and a DuckDB that does not know a rule runs as it is."""
+    import duckdb
+
+    from mtrec.features.offline import SLOWER_REWRITES, _optimizers_off
+
+    con = duckdb.connect()
+
+    def off() -> str:
+        return con.execute("SELECT current_setting('disabled_optimizers')").fetchall()[0][0]
+
+    con.execute("SET disabled_optimizers = 'join_order'")
+    with _optimizers_off(con, SLOWER_REWRITES):
+        assert sorted(off().split(",")) == sorted(["join_order", *SLOWER_REWRITES])
+    assert off() == "join_order"
+    with pytest.raises(RuntimeError), _optimizers_off(con, SLOWER_REWRITES):
+        raise RuntimeError("query failed")
+    assert off() == "join_order"
+    con.execute("RESET disabled_optimizers")
+    with _optimizers_off(con, SLOWER_REWRITES):
+        assert off() == ",".join(SLOWER_REWRITES)
+    assert off() == ""
+    with _optimizers_off(con, ("no_such_rule",)):
+        assert off() == ""
