@@ -140,11 +140,13 @@ class SequenceCodes:
         return CodedSequences(np.where(pos[:, None] >= 0, self.codes[np.maximum(pos, 0)], -1), self.items)
 
 
-def sequence_codes(wh: Warehouse, cfg: MtrecConfig, user_ids: list[str], cutoff: pd.Timestamp,
+def sequence_codes(wh: Warehouse, cfg: MtrecConfig, user_ids: list[str] | pd.Index, cutoff: pd.Timestamp,
                    batch: int = 50_000) -> SequenceCodes:
     """`sequences_for` of every user at one cut-off, in batches of users (one warehouse query each), as codes
-    (the positives are coded as they arrive: no [users, N] array of item ids is built)."""
-    users = pd.Index(list(dict.fromkeys(user_ids)))
+    (the positives are coded as they arrive: no [users, N] array of item ids is built). `user_ids` may repeat
+    users; an Index of distinct ids is kept as it is (its lookups' hash table is shared with its other uses)."""
+    users = user_ids if isinstance(user_ids, pd.Index) and user_ids.is_unique else \
+        pd.Index(list(dict.fromkeys(user_ids)))
     n = max(cfg.features.sequence_length, 0)
     codes = np.full((len(users), n), -1, np.int32)
     known = pd.Index([], dtype=object)

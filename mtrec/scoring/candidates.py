@@ -160,34 +160,40 @@ class SimilarCache:
     """Users' similar items kept across the scenarios of a stage. A user's positives and the title embeddings do
     not depend on the scenario: when two scenarios' universes hold the same items (in whatever order), a user's
     nearest items are the same, so a user met in an earlier scenario is looked up, not ranked again (most users
-    are active in several scenarios). Entries are positions in the sorted universe; a scenario with another
-    universe starts the cache afresh. Used from one thread (the score stage's planner)."""
+    are active in several scenarios). `users`: every user the stage may ask about (one hash table for all the
+    lookups, one row each); a user outside them is ranked every time. Entries are positions in the sorted
+    universe; a scenario with another universe starts the cache afresh. Used from one thread (the score stage's
+    planner)."""
 
-    def __init__(self) -> None:
+    def __init__(self, users) -> None:
+        self.users = users if isinstance(users, pd.Index) and users.is_unique else pd.Index(list(dict.fromkeys(users)))
         self.items: np.ndarray | None = None  # the sorted universe the entries are over
-        self.users = pd.Index([], dtype=object)
         self.codes = np.zeros((0, 0), np.int32)  # [users, k] positions in `items`, -1: none
+        self.ranked = np.zeros(0, bool)  # [users]: the row holds the user's list
 
-    def top(self, similar: SimilarItems, items: list[str], users: list[str], seen: torch.Tensor) -> torch.Tensor:
+    def top(self, similar: SimilarItems, items: list[str], users, seen: torch.Tensor) -> torch.Tensor:
         """`similar.top(seen)` of `users` (distinct; `seen` their rows), for the universe `items`."""
         ids = np.asarray(items, dtype=object)
         order = np.argsort(ids, kind="stable")  # sorted position -> universe index
         ranked = ids[order]
         if self.items is None or self.codes.shape[1] != similar.k or not np.array_equal(ranked, self.items):
-            self.items, self.users = ranked, pd.Index([], dtype=object)
-            self.codes = np.zeros((0, similar.k), np.int32)
-        pos = self.users.get_indexer(pd.Index(users))
-        hit = pos >= 0
-        out = torch.from_numpy(np.append(order, -1)[self.codes[np.where(hit, pos, 0)]]) if len(self.users) else \
-            torch.full((len(users), similar.k), -1, dtype=torch.long)
+            self.items = ranked
+            self.codes = np.full((len(self.users), similar.k), -1, np.int32)
+            self.ranked = np.zeros(len(self.users), bool)
+        pos = self.users.get_indexer(users)
+        row = np.maximum(pos, 0)
+        hit = (pos >= 0) & self.ranked[row] if len(self.users) else np.zeros(len(pos), bool)
+        out = torch.from_numpy(np.append(order, -1)[self.codes[np.where(hit, row, 0)]]) if hit.any() else \
+            torch.full((len(pos), similar.k), -1, dtype=torch.long)
         miss = np.flatnonzero(~hit)
         if len(miss):
             got = similar.top(seen[torch.from_numpy(miss)])
             out[torch.from_numpy(miss)] = got
             to_sorted = np.full(len(order) + 1, -1, np.int32)  # (universe index -1, none, stays -1)
             to_sorted[order] = np.arange(len(order), dtype=np.int32)
-            self.users = self.users.append(pd.Index(users)[miss])
-            self.codes = np.concatenate([self.codes, to_sorted[got.numpy()]])
+            kept = pos[miss] >= 0
+            self.codes[pos[miss][kept]] = to_sorted[got.numpy()[kept]]
+            self.ranked[pos[miss][kept]] = True
         return out
 
 

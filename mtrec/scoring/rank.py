@@ -282,7 +282,7 @@ def _fuse(probs: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Te
 
 
 def _constant(value, n: int, type_: pa.DataType) -> pa.Array:
-    return pa.array([value], type=type_).take(pa.array(np.zeros(n, np.int32)))
+    return pa.repeat(pa.scalar(value, type=type_), n)  # (a take of one value n times: a gather per row)
 
 
 def available_cpus() -> int:

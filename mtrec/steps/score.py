@@ -134,6 +134,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     started, cpu_started, forward_started = time.perf_counter(), time.process_time(), scorer.forward_cpu_seconds
     pairs: list[int] = []  # scored pairs per user chunk
     people = {scenario: active_users(wh, cfg, ds, scenario) for scenario in todo}
+    everyone = pd.Index(list(dict.fromkeys(u for p in people.values() for u in p)))  # each user once
 
     cutoff = pd.Timestamp(end_of_day(ds))
 
@@ -151,7 +152,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         """Behaviour sequences depend on the user only: one pass for the users of every scenario, in a thread
         started with the stage, beside the first item side (the next segments need them soon after)."""
         t = time.perf_counter()
-        seq = sequence_codes(wh, cfg, [u for p in people.values() for u in p], cutoff)
+        seq = sequence_codes(wh, cfg, everyone, cutoff)
         log.info("score %s: %d users' behaviour sequences in %.1f s", ds, len(seq.users), time.perf_counter() - t)
         return seq
 
@@ -177,7 +178,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     scenario_items = None  # item_contexts(...): its body runs in the planner thread, at the first scenario
 
     retrieved: dict[int, pd.DataFrame] = {}  # the user-side features of the block being planned
-    similar = SimilarCache()  # users' similar items, reused by the next scenarios (same universe)
+    similar = SimilarCache(everyone)  # users' similar items, reused by the next scenarios (same universe)
 
     def block_features(scenario: str, block: list[list[str]]) -> pd.DataFrame:
         """One retrieval for a block's segments, made at its first."""

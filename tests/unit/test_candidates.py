@@ -149,7 +149,7 @@ def test_similar_cache_ranks_a_user_once_across_scenarios_with_the_same_universe
     def as_ids(top, items):
         return [{items[j] for j in row if j >= 0} for row in top.tolist()]
 
-    cache, ranked = C.SimilarCache(), []
+    cache, ranked = C.SimilarCache(users[:-5]), []  # (the last 5 users are not among the stage's)
     sims = [C.similar_items(cfg, emb, its) for its in (uni.items, items2, fewer)]
     for sim in sims:
         top = sim.top
@@ -159,6 +159,9 @@ def test_similar_cache_ranks_a_user_once_across_scenarios_with_the_same_universe
     ranked.clear()
     again = cache.top(sims[1], items2, users[20:], seen2[20:])
     assert ranked == [len(users) - 40]  # only the users not met before
+    ranked.clear()
+    assert torch.equal(cache.top(sims[1], items2, users[20:], seen2[20:]), again)
+    assert ranked == [5]  # the users outside the stage's are ranked again
     assert as_ids(again, items2) == as_ids(sims[1].top(seen2[20:]), items2)
     assert as_ids(again[:20], items2) == as_ids(first[20:], uni.items)
     assert sum(len(r) > 0 for r in as_ids(again, items2)) > len(again) // 2  # real lists, not all empty
@@ -166,4 +169,5 @@ def test_similar_cache_ranks_a_user_once_across_scenarios_with_the_same_universe
     third = cache.top(sims[2], fewer, users, seen3)
     assert ranked == [len(users)] and as_ids(third, fewer) == as_ids(sims[2].top(seen3), fewer)
     # no positives kept (sequence length 0): no profile, no list
-    assert bool((C.SimilarCache().top(sims[0], uni.items, users, seen[:, :0]) == -1).all())
+    assert bool((C.SimilarCache(users).top(sims[0], uni.items, users, seen[:, :0]) == -1).all())
+    assert bool((C.SimilarCache([]).top(sims[0], uni.items, users[:3], seen[:3]) == sims[0].top(seen[:3])).all())
