@@ -357,15 +357,16 @@ def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, sc
 
 
 def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[str], scorer: Scorer, *,
-                  store=None) -> Iterator[tuple[Universe, ItemContext | None]]:
+                  store=None, universes: list[Universe] | None = None) -> Iterator[tuple[Universe, ItemContext | None]]:
     """(universe, item context or None when it has no items) of each scenario in order, built as they are asked
-    for. The universes come first, then their items' features in one Feast retrieval (each retrieval pays a
-    fixed cost) and the title embeddings, loaded once for all."""
+    for. The universes come first (`universes`: already built, in the order of `scenarios`), then their items'
+    features in one Feast retrieval (each retrieval pays a fixed cost) and the title embeddings, loaded once for
+    all."""
     from mtrec.features import store as FS
     from mtrec.features.training_set import load_item_embeddings, retrieve_side
 
     store = store or FS.feature_store(cfg)
-    unis = [universe(wh, cfg, ds, scenario) for scenario in scenarios]
+    unis = universes if universes is not None else [universe(wh, cfg, ds, scenario) for scenario in scenarios]
     ids = [i for uni in unis for i in uni.items]
     if not ids:
         yield from ((uni, None) for uni in unis)

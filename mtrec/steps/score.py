@@ -98,7 +98,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     from mtrec.data.raw import end_of_day, known_scenarios
     from mtrec.features import store as FS
     from mtrec.features.training_set import retrieve_side, sequence_codes, set_offline_threads
-    from mtrec.scoring.candidates import SimilarCache, active_users
+    from mtrec.scoring.candidates import SimilarCache, active_users, universe
     from mtrec.scoring.rank import (
         DICTIONARY_COLUMNS,
         ItemContext,
@@ -133,6 +133,9 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     rows: dict[str, int] = {}
     started, cpu_started, forward_started = time.perf_counter(), time.process_time(), scorer.forward_cpu_seconds
     pairs: list[int] = []  # scored pairs per user chunk
+    # the universes first (the first item side waits for them), beside the users; the behaviour sequences' queries
+    # queue behind them on the warehouse connection
+    universes = opening.submit(lambda: [universe(wh, cfg, ds, scenario) for scenario in todo])
     people = {scenario: active_users(wh, cfg, ds, scenario) for scenario in todo}
     everyone = pd.Index(list(dict.fromkeys(u for p in people.values() for u in p)))  # each user once
 
@@ -193,7 +196,8 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         nonlocal scenario_items
         t = time.perf_counter()
         if scenario not in contexts:  # the item side once per scenario (tasks run in order, in one thread)
-            scenario_items = scenario_items or item_contexts(cfg, wh, ds, todo, scorer, store=store_ready.result())
+            scenario_items = scenario_items or item_contexts(cfg, wh, ds, todo, scorer, store=store_ready.result(),
+                                                                 universes=universes.result())
             contexts.clear()
             uni, contexts[scenario] = next(scenario_items)
             n_items[scenario] = len(uni.items)
