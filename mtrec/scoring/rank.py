@@ -427,11 +427,12 @@ def retrieval_blocks(cfg: MtrecConfig, parts: list[list[str]], *, first: bool = 
     """A scenario's segments (`segments`) grouped into the blocks whose users' features are retrieved from Feast
     at once: consecutive segments holding at most `scoring.retrieval_users` users together (each retrieval pays a
     fixed cost). `first`: the stage's first segment is a block of its own (it is fetched while the item side is
-    built)."""
+    built), and so is the second (fetched while the lanes rank the first, which is small: a larger block would
+    keep them waiting)."""
     blocks: list[list[list[str]]] = []
     size = 0
     for i, part in enumerate(parts):
-        if not blocks or (first and i == 1) or size + len(part) > cfg.scoring.retrieval_users:
+        if not blocks or (first and i in (1, 2)) or size + len(part) > cfg.scoring.retrieval_users:
             blocks.append([])
             size = 0
         blocks[-1].append(part)

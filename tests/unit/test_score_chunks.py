@@ -107,7 +107,8 @@ def test_segments_ramp_up_at_the_start_of_the_stage(tmp_path, n_users, first, si
 @pytest.mark.parametrize("retrieval_users, first, blocks", [
     (40, False, [[8, 32], [40], [20]]),
     (80, False, [[8, 32, 40], [20]]),
-    (80, True, [[8], [32, 40], [20]]),  # the stage's first segment is fetched on its own
+    (80, True, [[8], [32], [40, 20]]),  # the stage's first two segments are fetched on their own
+    (1000, True, [[8], [32], [40, 20]]),
     (1000, False, [[8, 32, 40, 20]]),
 ])
 def test_retrieval_blocks_group_segments_up_to_retrieval_users(tmp_path, monkeypatch, retrieval_users, first,
