@@ -253,7 +253,9 @@ def _optimizers_off(con, names: tuple[str, ...]):
     try:
         yield
     finally:
-        con.execute("SET disabled_optimizers = $1", [before]) if before else \
+        if before:
+            con.execute("SET disabled_optimizers = $1", [before])
+        else:
             con.execute("RESET disabled_optimizers")
 
 

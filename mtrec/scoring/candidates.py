@@ -165,13 +165,14 @@ class SimilarCache:
     universe; a scenario with another universe starts the cache afresh. Used from one thread (the score stage's
     planner)."""
 
-    def __init__(self, users) -> None:
+    def __init__(self, users: list[str] | pd.Index) -> None:
         self.users = users if isinstance(users, pd.Index) and users.is_unique else pd.Index(list(dict.fromkeys(users)))
         self.items: np.ndarray | None = None  # the sorted universe the entries are over
         self.codes = np.zeros((0, 0), np.int32)  # [users, k] positions in `items`, -1: none
         self.ranked = np.zeros(0, bool)  # [users]: the row holds the user's list
 
-    def top(self, similar: SimilarItems, items: list[str], users, seen: torch.Tensor) -> torch.Tensor:
+    def top(self, similar: SimilarItems, items: list[str], users: list[str] | pd.Index,
+            seen: torch.Tensor) -> torch.Tensor:
         """`similar.top(seen)` of `users` (distinct; `seen` their rows), for the universe `items`."""
         ids = np.asarray(items, dtype=object)
         order = np.argsort(ids, kind="stable")  # sorted position -> universe index

@@ -136,7 +136,11 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     # the universes first (the first item side waits for them), beside the users; the behaviour sequences' queries
     # queue behind them on the warehouse connection
     universes = opening.submit(lambda: [universe(wh, cfg, ds, scenario) for scenario in todo])
-    people = {scenario: active_users(wh, cfg, ds, scenario) for scenario in todo}
+    try:
+        people = {scenario: active_users(wh, cfg, ds, scenario) for scenario in todo}
+    except BaseException:  # the universes' queries end before the caller closes the warehouse connection
+        opening.shutdown(wait=True, cancel_futures=True)
+        raise
     everyone = pd.Index(list(dict.fromkeys(u for p in people.values() for u in p)))  # each user once
 
     cutoff = pd.Timestamp(end_of_day(ds))

@@ -239,3 +239,34 @@ def test_a_failure_midway_leaves_no_partial_staging(world, monkeypatch):
     staged = score.scores_dir(small, DAYS[2], "t-flaky")
     assert staged.is_dir()
     assert sorted(p.name for p in staged.iterdir() if not p.name.endswith(".lock")) == []
+
+
+def test_a_failing_users_query_surfaces_after_the_universes_queries_end(world, monkeypatch):
+    """The scenarios' universes are built in a thread beside the active users' query: when that query fails, the
+    error surfaces once the universes' queries have ended (the caller then closes the warehouse connection)."""
+    import threading
+    import time
+
+    import mtrec.scoring.candidates as C
+    from mtrec.steps import score
+
+    cfg, _ = world
+    real, built = C.universe, []
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        uni = real(*args, **kwargs)
+        built.append(threading.current_thread().name)
+        return uni
+
+    def broken(*args, **kwargs):
+        time.sleep(0.1)  # (the universes' thread is under way)
+        raise RuntimeError("users query failed")
+
+    monkeypatch.setattr(C, "universe", slow)
+    monkeypatch.setattr(C, "active_users", broken)
+    with pytest.raises(RuntimeError, match="users query failed"):
+        score.run(cfg, DAYS[2], run_id="t-users", scenarios=["home", "search"])
+    n = len(built)
+    time.sleep(1.0)
+    assert n == 2 and len(built) == n and all(name.startswith("mtrec-score-open") for name in built)
