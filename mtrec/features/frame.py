@@ -10,6 +10,12 @@ import pandas as pd
 KEY_COLUMNS = ("user_id", "item_id", "scenario")
 
 
+def distinct_index(ids) -> pd.Index:
+    """The ids once each, in first-seen order, as an Index; an Index of distinct ids is returned as it is (its
+    lookups' hash table, built once, is then shared by every holder)."""
+    return ids if isinstance(ids, pd.Index) and ids.is_unique else pd.Index(list(dict.fromkeys(ids)))
+
+
 @dataclass
 class ItemEmbeddings:
     """Text embeddings kept as one matrix keyed by item (never joined onto every row)."""

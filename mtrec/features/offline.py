@@ -13,8 +13,8 @@ changes, neither of which changes a result (tests compare both with Feast's own 
   (`instant_sql`) run on the store's own connection. Feast's general join builds a text id of every entity row
   (its timestamp and keys, cast and concatenated) and ranks and joins back on it, through an ibis expression
   compiled per retrieval (about 0.2 CPU-s of Python, holding the GIL, per retrieval here): at one instant, the
-  latest row of each key is the same thing, cheaper (a retrieval of 100k users, to a DataFrame: about 0.65 vs
-  0.85 CPU-s here).
+  latest row of each key is the same thing, cheaper (a retrieval of 100k users, to a DataFrame: 0.31-0.38 vs
+  0.78-0.84 CPU-s here, with `SLOWER_REWRITES` off).
 
 Everything else (materialization, pulls, writes) is the DuckDB store's.
 

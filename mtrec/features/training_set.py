@@ -22,7 +22,7 @@ from mtrec import schema as S
 from mtrec.config import MtrecConfig
 from mtrec.data.raw import end_of_day
 from mtrec.features import store as FS
-from mtrec.features.frame import CodedSequences, FeatureTable, ItemEmbeddings
+from mtrec.features.frame import CodedSequences, FeatureTable, ItemEmbeddings, distinct_index
 from mtrec.warehouse import Warehouse, as_utc, q
 
 log = logging.getLogger(__name__)
@@ -144,9 +144,8 @@ def sequence_codes(wh: Warehouse, cfg: MtrecConfig, user_ids: list[str] | pd.Ind
                    batch: int = 50_000) -> SequenceCodes:
     """`sequences_for` of every user at one cut-off, in batches of users (one warehouse query each), as codes
     (the positives are coded as they arrive: no [users, N] array of item ids is built). `user_ids` may repeat
-    users; an Index of distinct ids is kept as it is (its lookups' hash table is shared with its other uses)."""
-    users = user_ids if isinstance(user_ids, pd.Index) and user_ids.is_unique else \
-        pd.Index(list(dict.fromkeys(user_ids)))
+    users (`distinct_index`)."""
+    users = distinct_index(user_ids)
     n = max(cfg.features.sequence_length, 0)
     codes = np.full((len(users), n), -1, np.int32)
     known = pd.Index([], dtype=object)

@@ -19,7 +19,7 @@ import torch
 from mtrec import schema as S
 from mtrec.config import MtrecConfig
 from mtrec.data.raw import end_of_day
-from mtrec.features.frame import ItemEmbeddings
+from mtrec.features.frame import ItemEmbeddings, distinct_index
 from mtrec.features.training_set import root_tasks
 from mtrec.warehouse import Warehouse, q
 
@@ -166,7 +166,7 @@ class SimilarCache:
     planner)."""
 
     def __init__(self, users: list[str] | pd.Index) -> None:
-        self.users = users if isinstance(users, pd.Index) and users.is_unique else pd.Index(list(dict.fromkeys(users)))
+        self.users = distinct_index(users)
         self.items: np.ndarray | None = None  # the sorted universe the entries are over
         self.codes = np.zeros((0, 0), np.int32)  # [users, k] positions in `items`, -1: none
         self.ranked = np.zeros(0, bool)  # [users]: the row holds the user's list

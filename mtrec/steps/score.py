@@ -97,6 +97,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
 
     from mtrec.data.raw import end_of_day, known_scenarios
     from mtrec.features import store as FS
+    from mtrec.features.frame import distinct_index
     from mtrec.features.training_set import retrieve_side, sequence_codes, set_offline_threads
     from mtrec.scoring.candidates import SimilarCache, active_users, universe
     from mtrec.scoring.rank import (
@@ -141,7 +142,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     except BaseException:  # the universes' queries end before the caller closes the warehouse connection
         opening.shutdown(wait=True, cancel_futures=True)
         raise
-    everyone = pd.Index(list(dict.fromkeys(u for p in people.values() for u in p)))  # each user once
+    everyone = distinct_index([u for p in people.values() for u in p])  # each user once
 
     cutoff = pd.Timestamp(end_of_day(ds))
 
