@@ -1,13 +1,18 @@
-"""Fixtures of the orchestration tests: a tiny generated warehouse and a migrated Airflow metadata DB."""
+"""Fixtures of the orchestration tests: a tiny generated warehouse and migrated Airflow metadata DBs."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from orch_support import AIRFLOW, END, airflow_env, copy_home
+from orch_support import AIRFLOW, END, airflow_env, copy_home, sqlite_metadata_url
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="session")
@@ -31,10 +36,76 @@ def mtrec_home(tiny_warehouse: Path, tmp_path: Path) -> Path:
 def airflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An Airflow metadata DB (SQLite) migrated once per session."""
     home = tmp_path_factory.mktemp("airflow-template")
-    env = airflow_env(home, home / "unused")
+    _migrate(home)
+    return home / "airflow.db"
+
+
+def _migrate(home: Path, db_url: str | None = None) -> None:
+    env = airflow_env(home, home / "unused", db_url)
     proc = subprocess.run([AIRFLOW, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return home / "airflow.db"
+
+
+def _pg_admin(base: str):
+    import sqlalchemy as sa
+
+    return sa.create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT")
+
+
+def _pg_database_url(base: str, name: str) -> str:
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(base.replace("postgresql://", "postgresql+psycopg://", 1))
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def airflow_pg_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
+    """Name of an Airflow metadata database on the test PostgreSQL server, migrated once per session and
+    copied per test; None outside CI when no server is configured (the tests then use SQLite)."""
+    base = os.environ.get("MTREC_TEST_POSTGRES_URL")
+    if not base:
+        if IN_CI:
+            pytest.fail("MTREC_TEST_POSTGRES_URL is not set: CI runs Airflow's services on PostgreSQL")
+        yield None
+        return
+    import sqlalchemy as sa
+
+    name = f"mtrec_airflow_tmpl_{secrets.token_hex(4)}"
+    admin = _pg_admin(base)
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        _migrate(tmp_path_factory.mktemp("airflow-pg-template"), _pg_database_url(base, name))
+        yield name
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def airflow_metadata_url(airflow_pg_template: str | None, airflow_home: Path) -> Iterator[str]:
+    """The metadata DB for Airflow's scheduler, api-server and dag-processor running together: a fresh
+    PostgreSQL database (a copy of the migrated template), as deployed; SQLite under the home otherwise.
+    On SQLite these processes contend for one file lock, and Airflow's own retries do not cover every
+    statement (a scheduler once died on a dag_run update that matched no row)."""
+    if airflow_pg_template is None:
+        yield sqlite_metadata_url(airflow_home)
+        return
+    import sqlalchemy as sa
+
+    base = os.environ["MTREC_TEST_POSTGRES_URL"]
+    name = f"mtrec_airflow_{secrets.token_hex(4)}"
+    admin = _pg_admin(base)
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{airflow_pg_template}"'))
+    try:
+        yield _pg_database_url(base, name)
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -40,12 +39,21 @@ def mtrec_env(home: Path, **extra: str) -> dict[str, str]:
     return clean_env(MTREC_HOME=str(home), **SMALL_CONFIG, **extra)
 
 
-def airflow_env(airflow_home: Path, mtrec_home: Path, **extra: str) -> dict[str, str]:
-    """Airflow pointed at a private home and SQLite DB, the repo's dags/, local mode without retries."""
+def sqlite_metadata_url(airflow_home: Path) -> str:
+    return f"sqlite:///{airflow_home / 'airflow.db'}"
+
+
+def airflow_env(airflow_home: Path, mtrec_home: Path, db_url: str | None = None, **extra: str) -> dict[str, str]:
+    """Airflow pointed at a private home and metadata DB (SQLite under the home unless `db_url` names another,
+    e.g. a PostgreSQL database through psycopg), the repo's dags/, local mode without retries."""
+    db_url = db_url or sqlite_metadata_url(airflow_home)
+    if db_url.startswith("postgresql+psycopg://"):  # Airflow's async engine needs its own driver name
+        extra.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC",
+                         db_url.replace("postgresql+psycopg://", "postgresql+psycopg_async://", 1))
     return mtrec_env(
         mtrec_home,
         AIRFLOW_HOME=str(airflow_home),
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{airflow_home / 'airflow.db'}",
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=db_url,
         AIRFLOW__CORE__DAGS_FOLDER=str(DAGS),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__CORE__UNIT_TEST_MODE="False",
@@ -66,15 +74,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def airflow_db(airflow_home: Path) -> sqlite3.Connection:
-    return sqlite3.connect(airflow_home / "airflow.db", timeout=30)
+def airflow_rows(db_url: str, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
+    """Rows of a query on the Airflow metadata DB (SQLite or PostgreSQL), on a connection of its own."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_url, connect_args={"timeout": 30} if db_url.startswith("sqlite") else {})
+    try:
+        with engine.connect() as c:
+            return [tuple(r) for r in c.execute(sa.text(sql), params or {})]
+    finally:
+        engine.dispose()
 
 
-def task_states(airflow_home: Path, dag_id: str) -> dict[str, dict[tuple[str, int], str]]:
+def task_states(db_url: str, dag_id: str) -> dict[str, dict[tuple[str, int], str]]:
     """{run_id: {(task_id, map_index): state}} from the Airflow metadata DB."""
-    with airflow_db(airflow_home) as c:
-        rows = c.execute("SELECT run_id, task_id, map_index, state FROM task_instance WHERE dag_id = ?",
-                         (dag_id,)).fetchall()
+    rows = airflow_rows(db_url, "SELECT run_id, task_id, map_index, state FROM task_instance WHERE dag_id = :d",
+                        {"d": dag_id})
     out: dict[str, dict[tuple[str, int], str]] = {}
     for run_id, task_id, map_index, state in rows:
         out.setdefault(run_id, {})[(task_id, map_index)] = state

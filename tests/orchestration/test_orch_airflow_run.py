@@ -15,12 +15,13 @@ from orch_support import (
     AIRFLOW,
     END,
     Services,
-    airflow_db,
     airflow_env,
+    airflow_rows,
     free_port,
     group_alive,
     mtrec_env,
     query,
+    sqlite_metadata_url,
     task_states,
     wait_for,
 )
@@ -47,7 +48,7 @@ def test_airflow_dags_test_runs_the_whole_pipeline(mtrec_home: Path, airflow_hom
     (airflow_home / "dags-test.log").write_text(log)
     assert proc.returncode == 0, log[-6000:]
 
-    runs = task_states(airflow_home, "mtrec_daily")
+    runs = task_states(sqlite_metadata_url(airflow_home), "mtrec_daily")
     assert len(runs) == 1
     run_id, states = next(iter(runs.items()))
     scenarios = _scenarios(mtrec_home)
@@ -96,14 +97,15 @@ def _make_champion(home: Path, ds: dt.date) -> str:
 
 
 @pytest.mark.slow
-def test_airflow_backfill_create_publishes_past_days(mtrec_home: Path, airflow_home: Path, tmp_path: Path):
+def test_airflow_backfill_create_publishes_past_days(mtrec_home: Path, airflow_home: Path,
+                                                    airflow_metadata_url: str, tmp_path: Path):
     days = [END - dt.timedelta(days=2), END - dt.timedelta(days=1), END]
     champion = _make_champion(mtrec_home, days[0] - dt.timedelta(days=1))
     scenario = _scenarios(mtrec_home)[0]  # one scenario keeps the test short and exercises the param
 
     port = free_port()
     env = airflow_env(
-        airflow_home, mtrec_home,
+        airflow_home, mtrec_home, airflow_metadata_url,
         AIRFLOW__CORE__EXECUTOR="LocalExecutor",
         AIRFLOW__CORE__PARALLELISM="4",
         AIRFLOW__API__HOST="127.0.0.1",
@@ -117,7 +119,7 @@ def test_airflow_backfill_create_publishes_past_days(mtrec_home: Path, airflow_h
     )
 
     def cli(*args: str, timeout: float = 120) -> str:
-        for _ in range(3):  # the SQLite metadata DB is shared with the running scheduler: a write may hit its lock
+        for _ in range(3):  # a SQLite metadata DB is shared with the running scheduler: a write may hit its lock
             p = subprocess.run([AIRFLOW, *args], env=env, capture_output=True, text=True, timeout=timeout,
                                cwd=airflow_home)
             if p.returncode == 0 or "database is locked" not in p.stdout + p.stderr:
@@ -132,8 +134,7 @@ def test_airflow_backfill_create_publishes_past_days(mtrec_home: Path, airflow_h
         services.start("api-server", "scheduler", "dag-processor")
 
         def parsed() -> bool:
-            with airflow_db(airflow_home) as c:
-                return bool(c.execute("SELECT 1 FROM dag WHERE dag_id = 'mtrec_daily'").fetchall())
+            return bool(airflow_rows(airflow_metadata_url, "SELECT 1 FROM dag WHERE dag_id = 'mtrec_daily'"))
 
         wait_for(parsed, timeout=120, what="the dag-processor to parse mtrec_daily", on_poll=services.check_alive)
         cli("dags", "unpause", "mtrec_daily")
@@ -142,8 +143,7 @@ def test_airflow_backfill_create_publishes_past_days(mtrec_home: Path, airflow_h
             "--dag-run-conf", json.dumps({"retrain": "never", "scenarios": [scenario]}))
 
         def finished():
-            with airflow_db(airflow_home) as c:
-                rows = c.execute("SELECT run_id, state FROM dag_run WHERE dag_id = 'mtrec_daily'").fetchall()
+            rows = airflow_rows(airflow_metadata_url, "SELECT run_id, state FROM dag_run WHERE dag_id = 'mtrec_daily'")
             if len(rows) == len(days) and all(s in ("success", "failed") for _, s in rows):
                 return dict(rows)
             return None
@@ -154,10 +154,12 @@ def test_airflow_backfill_create_publishes_past_days(mtrec_home: Path, airflow_h
         services.stop()
     assert all(not group_alive(p.pid) for p in services.procs.values())
 
-    assert set(runs.values()) == {"success"}, (runs, task_states(airflow_home, "mtrec_daily"))
-    with airflow_db(airflow_home) as c:
-        kinds = {r for (r,) in c.execute("SELECT DISTINCT run_type FROM dag_run WHERE dag_id = 'mtrec_daily'")}
-        conf = [json.loads(r) for (r,) in c.execute("SELECT conf FROM dag_run WHERE dag_id = 'mtrec_daily'")]
+    assert set(runs.values()) == {"success"}, (runs, task_states(airflow_metadata_url, "mtrec_daily"))
+    kinds = {r for (r,) in airflow_rows(airflow_metadata_url,
+                                        "SELECT DISTINCT run_type FROM dag_run WHERE dag_id = 'mtrec_daily'")}
+    # conf is JSON text on SQLite and JSONB (a dict already) on PostgreSQL
+    conf = [json.loads(r) if isinstance(r, str) else r
+            for (r,) in airflow_rows(airflow_metadata_url, "SELECT conf FROM dag_run WHERE dag_id = 'mtrec_daily'")]
     assert kinds == {"backfill"}
     assert all(c.get("retrain") == "never" for c in conf)
     for d in days:
