@@ -75,6 +75,18 @@ def test_candidate_grid_equals_the_per_user_reference(monkeypatch, table_items, 
     assert sum(len(g) > len(common) for g in got) > len(got) // 2  # the similar source adds items
 
 
+def test_candidate_grid_without_users_or_without_candidates_is_one_column_of_padding():
+    cfg = load_config(environ={})
+    uni, emb, seen = _world(seed=2)
+    cand, valid = C.candidate_grid(cfg, uni, seen[:0], C.similar_items(cfg, emb, uni.items))
+    assert tuple(cand.shape) == (0, 1) and tuple(valid.shape) == (0, 1)
+    nothing = C.Universe(scenario="s", items=uni.items, popular=np.arange(0), fresh=np.array([], dtype=np.int64),
+                         rates={})
+    cand, valid = C.candidate_grid(cfg, nothing, seen, None)
+    assert tuple(cand.shape) == (len(seen), 1) and not bool(valid.any()) and bool((cand == 0).all())
+    assert cand.dtype == torch.long and valid.dtype == torch.bool
+
+
 def test_no_titles_or_no_similar_source_gives_popular_and_fresh_only():
     cfg = load_config(environ={}, overrides={"scoring": {"candidates": {"similar": 0}}})
     uni, emb, seen = _world(seed=1)
