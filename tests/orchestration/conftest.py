@@ -7,6 +7,7 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,10 +47,21 @@ def _migrate(home: Path, db_url: str | None = None) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _pg_admin(base: str):
+@contextmanager
+def _pg_database(base: str, prefix: str, template: str | None = None) -> Iterator[str]:
+    """A new database on the test PostgreSQL server (a copy of `template` when given), dropped on exit: its name."""
     import sqlalchemy as sa
 
-    return sa.create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    admin = sa.create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
+    try:
+        yield name
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def _pg_database_url(base: str, name: str) -> str:
@@ -69,19 +81,9 @@ def airflow_pg_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
             pytest.fail("MTREC_TEST_POSTGRES_URL is not set: CI runs Airflow's services on PostgreSQL")
         yield None
         return
-    import sqlalchemy as sa
-
-    name = f"mtrec_airflow_tmpl_{secrets.token_hex(4)}"
-    admin = _pg_admin(base)
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
+    with _pg_database(base, "mtrec_airflow_tmpl") as name:
         _migrate(tmp_path_factory.mktemp("airflow-pg-template"), _pg_database_url(base, name))
         yield name
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture
@@ -93,19 +95,9 @@ def airflow_metadata_url(airflow_pg_template: str | None, airflow_home: Path) ->
     if airflow_pg_template is None:
         yield sqlite_metadata_url(airflow_home)
         return
-    import sqlalchemy as sa
-
     base = os.environ["MTREC_TEST_POSTGRES_URL"]
-    name = f"mtrec_airflow_{secrets.token_hex(4)}"
-    admin = _pg_admin(base)
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{airflow_pg_template}"'))
-    try:
+    with _pg_database(base, "mtrec_airflow", template=airflow_pg_template) as name:
         yield _pg_database_url(base, name)
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture
