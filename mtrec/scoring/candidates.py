@@ -168,7 +168,7 @@ class SimilarCache:
     def __init__(self, users: list[str] | pd.Index) -> None:
         self.users = distinct_index(users)
         self.items: np.ndarray | None = None  # the sorted universe the entries are over
-        self.codes = np.zeros((0, 0), np.int32)  # [users, k] positions in `items`, -1: none
+        self.codes = np.zeros((0, 0), np.int32)  # [users, k] positions in `items` (-1: none) of ranked users
         self.ranked = np.zeros(0, bool)  # [users]: the row holds the user's list
 
     def top(self, similar: SimilarItems, items: list[str], users: list[str] | pd.Index,
@@ -179,7 +179,9 @@ class SimilarCache:
         ranked = ids[order]
         if self.items is None or self.codes.shape[1] != similar.k or not np.array_equal(ranked, self.items):
             self.items = ranked
-            self.codes = np.full((len(self.users), similar.k), -1, np.int32)
+            # (zeros: pages the allocator maps untouched, written only for the users ranked; a row is read only
+            # once ranked, or, for a row not ranked, its value is replaced)
+            self.codes = np.zeros((len(self.users), similar.k), np.int32)
             self.ranked = np.zeros(len(self.users), bool)
         pos = self.users.get_indexer(users)
         row = np.maximum(pos, 0)

@@ -48,6 +48,9 @@ TAIL_SPLIT = 4  # the stage's last chunks are this many times smaller (the lanes
 # planning a user (features, sequences, inputs) costs about a quarter of ranking it here: a segment this many times
 # the previous is planned while the previous is ranked
 RAMP = 4
+# chunks per lane in the stage's first segment: the lanes rank it while the second is planned, which waits for
+# everyone's behaviour sequences (with one chunk each, the lanes waited ~0.3 s for it here)
+HEAD_CHUNKS = 2
 SEGMENT_USERS = 100_000  # users planned at once (their input tensors; up to 3 segments are held at a time)
 WARM_UP_USERS = 64  # users of the first plan scored WARM_UP_RUNS times while the lanes build their first chunks
 WARM_UP_RUNS = 2  # the trace is made on the first; TorchScript profiles the second, then optimizes the graph
@@ -357,7 +360,9 @@ def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, sc
 
 
 def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[str], scorer: Scorer, *,
-                  store=None, universes: list[Universe] | None = None) -> Iterator[tuple[Universe, ItemContext | None]]:
+                  store=None, universes: list[Universe] | None = None,
+                  shared: tuple[ItemEmbeddings | None, Attributes] | None = None,
+                  ) -> Iterator[tuple[Universe, ItemContext | None]]:
     """(universe, item context or None when it has no items) of each scenario in order, built as they are asked
     for. The universes come first (`universes`: already built, in the order of `scenarios`), then their items'
     features in one Feast retrieval (each retrieval pays a fixed cost) and the title embeddings, loaded once for
@@ -372,8 +377,7 @@ def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[
         yield from ((uni, None) for uni in unis)
         return
     got = retrieve_side(cfg, ds, "item", ids, [uni.scenario for uni in unis for _ in uni.items], store=store)
-    embeddings = load_item_embeddings(cfg, wh)
-    attributes = FS.attributes(cfg, wh)
+    embeddings, attributes = shared or (load_item_embeddings(cfg, wh), FS.attributes(cfg, wh))
     for uni in unis:
         yield uni, item_context(cfg, wh, ds, uni, scorer, store=store, embeddings=embeddings, attributes=attributes,
                                 features=got[got["scenario"] == uni.scenario]) if uni.items else None
@@ -410,11 +414,11 @@ def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext,
 
 def segments(cfg: MtrecConfig, users: list[str], *, first: bool = False) -> list[list[str]]:
     """A scenario's users in the segments planned at once (their input tensors: at most SEGMENT_USERS, and at
-    most `scoring.retrieval_users`). `first`: the stage's first segment is only as large as the chunks its lanes
-    take at once, so that ranking starts sooner, and each next one at most RAMP times the previous, so that it
+    most `scoring.retrieval_users`). `first`: the stage's first segment is only HEAD_CHUNKS chunks per lane, so
+    that ranking starts sooner, and each next one at most RAMP times the previous, so that it
     is planned while the previous is ranked."""
     n = min(cfg.scoring.retrieval_users, SEGMENT_USERS)
-    size = min(n, cfg.scoring.batch_users * scoring_workers(cfg)) if first else n
+    size = min(n, HEAD_CHUNKS * cfg.scoring.batch_users * scoring_workers(cfg)) if first else n
     out, start = [], 0
     while start < len(users):
         out.append(users[start:start + size])

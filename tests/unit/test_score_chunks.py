@@ -93,8 +93,9 @@ def test_a_failing_warm_up_is_left_to_the_lanes(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("n_users, first, sizes", [
-    (0, True, []), (10, True, [8, 2]), (100, False, [40, 40, 20]),
-    (100, True, [8, 32, 40, 20]),  # from the lanes' first chunks up to retrieval_users, RAMP times at a time
+    (0, True, []), (20, True, [16, 4]), (100, False, [40, 40, 20]),
+    # from HEAD_CHUNKS chunks per lane up to retrieval_users, RAMP times at a time
+    (100, True, [16, 40, 40, 4]),
 ])
 def test_segments_ramp_up_at_the_start_of_the_stage(tmp_path, n_users, first, sizes):
     cfg = load_config(environ={}, overrides={"home": str(tmp_path), "scoring": {
