@@ -219,17 +219,23 @@ class InstantRetrievalJob(IbisRetrievalJob):
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
         import ibis
 
-        con = ibis.get_backend().con
         entity = pa.Table.from_pandas(self._entity, preserve_index=False)
         for n, f in enumerate(entity.schema):  # timestamps in microseconds, as ibis hands them to DuckDB
             if pa.types.is_timestamp(f.type) and f.type.unit == "ns":
                 entity = entity.set_column(n, f.name, entity[n].cast(pa.timestamp("us", f.type.tz), safe=False))
-        con.register(self._name, entity)
+        # a connection of its own to the database (a DuckDB connection runs one query at a time and is not to be
+        # shared between threads): retrievals made in several threads run side by side, each with its own
+        # registered entity rows and optimizer settings; the session settings ibis gives its connection are set on
+        # this one too (timestamps out in UTC, no Python variables read as tables)
+        con = ibis.get_backend().con.cursor()
         try:
+            con.execute("SET TimeZone = 'UTC'")
+            con.execute("SET python_enable_replacements = false")
+            con.register(self._name, entity)
             with _optimizers_off(con, SLOWER_REWRITES):
                 return con.sql(self._sql, params=self._params).to_arrow_table()
         finally:
-            con.unregister(self._name)
+            con.close()
 
 
 # DuckDB optimizer rules `instant_sql` runs without: DuckDB rewrites each view's latest-row-per-key window

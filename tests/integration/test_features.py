@@ -339,3 +339,32 @@ def test_retrieval_makes_entity_timestamps_utc_itself(built):
     assert frames[0]["us_impressions_7d"].notna().any()
     for other in frames[1:]:
         pd.testing.assert_frame_equal(other, frames[0])
+
+
+def test_one_instant_retrievals_from_several_threads_equal_the_same_retrievals_one_at_a_time(built):
+    """Scoring retrieves the user and item sides in several threads at once: each retrieval runs on a connection
+    of its own, with its own entity rows and settings, so the rows are those of the same retrievals made one at
+    a time (and in UTC)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg, _ = built
+    store = FS.feature_store(cfg)
+    users = _user_scenarios(cfg)
+    instant = pd.Timestamp(END, tz="UTC") + pd.Timedelta(days=1)
+    items = pd.DataFrame({"item_id": [f"i{n:07d}" for n in range(80)], "scenario": users["scenario"].iat[0]})
+    jobs = [(users.iloc[k::3].assign(event_timestamp=instant), "user") for k in range(3)] + \
+        [(items.assign(event_timestamp=instant), "item")] * 3
+
+    def run(job):
+        entity, side = job
+        keys = [c for c in entity.columns if c != "event_timestamp"]
+        return (store.get_historical_features(entity_df=entity, features=FS.service_features(store, side)).to_df()
+                .sort_values(keys, kind="mergesort").reset_index(drop=True))
+
+    alone = [run(job) for job in jobs]
+    for _ in range(3):
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(run, jobs))
+        for got, want in zip(together, alone, strict=True):
+            pd.testing.assert_frame_equal(got, want)
+    assert str(alone[0]["event_timestamp"].dt.tz) == "UTC" and alone[0]["us_impressions_7d"].notna().any()
