@@ -28,6 +28,7 @@ import contextlib
 import datetime as dt
 import glob
 import re
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,8 +226,8 @@ class InstantRetrievalJob(IbisRetrievalJob):
                 entity = entity.set_column(n, f.name, entity[n].cast(pa.timestamp("us", f.type.tz), safe=False))
         # a connection of its own to the database (a DuckDB connection runs one query at a time and is not to be
         # shared between threads): retrievals made in several threads run side by side, each with its own
-        # registered entity rows and optimizer settings; the session settings ibis gives its connection are set on
-        # this one too (timestamps out in UTC, no Python variables read as tables)
+        # registered entity rows; the session settings ibis gives its connection are set on this one too
+        # (timestamps out in UTC, no Python variables read as tables)
         con = ibis.get_backend().con.cursor()
         try:
             con.execute("SET TimeZone = 'UTC'")
@@ -245,24 +246,37 @@ class InstantRetrievalJob(IbisRetrievalJob):
 SLOWER_REWRITES = ("top_n_window_elimination",)
 
 
+_OPTIMIZERS_LOCK = threading.Lock()
+_optimizers_held = {"queries": 0, "before": None}  # retrievals running with SLOWER_REWRITES off; the setting before
+
+
 @contextlib.contextmanager
 def _optimizers_off(con, names: tuple[str, ...]):
-    """The connection's `disabled_optimizers` setting extended by `names` for the block, then restored (a DuckDB
-    that does not know a name, or the setting, runs the query with its own plan)."""
-    try:
-        before = str(con.execute("SELECT current_setting('disabled_optimizers')").fetchall()[0][0] or "")
-        off = [n.strip() for n in before.split(",") if n.strip()]
-        con.execute("SET disabled_optimizers = $1", [",".join(off + [n for n in names if n not in off])])
-    except duckdb.Error:
-        yield
-        return
+    """The database's `disabled_optimizers` setting extended by `names` while any retrieval runs, then restored (a
+    DuckDB that does not know a name, or the setting, runs the query with its own plan). The setting is global
+    to the database, shared by its connections: the first of the retrievals running at once sets it, the last
+    restores it."""
+    with _OPTIMIZERS_LOCK:
+        if not _optimizers_held["queries"]:
+            try:
+                before = str(con.execute("SELECT current_setting('disabled_optimizers')").fetchall()[0][0] or "")
+                off = [n.strip() for n in before.split(",") if n.strip()]
+                con.execute("SET disabled_optimizers = $1", [",".join(off + [n for n in names if n not in off])])
+            except duckdb.Error:
+                before = None
+            _optimizers_held["before"] = before
+        _optimizers_held["queries"] += 1
     try:
         yield
     finally:
-        if before:
-            con.execute("SET disabled_optimizers = $1", [before])
-        else:
-            con.execute("RESET disabled_optimizers")
+        with _OPTIMIZERS_LOCK:
+            _optimizers_held["queries"] -= 1
+            before = _optimizers_held["before"]
+            if not _optimizers_held["queries"] and before is not None:
+                if before:
+                    con.execute("SET disabled_optimizers = $1", [before])
+                else:
+                    con.execute("RESET disabled_optimizers")
 
 
 def _local_parquet(source) -> bool:

@@ -343,8 +343,9 @@ def test_retrieval_makes_entity_timestamps_utc_itself(built):
 
 def test_one_instant_retrievals_from_several_threads_equal_the_same_retrievals_one_at_a_time(built):
     """Scoring retrieves the user and item sides in several threads at once: each retrieval runs on a connection
-    of its own, with its own entity rows and settings, so the rows are those of the same retrievals made one at
-    a time (and in UTC)."""
+    of its own (DuckDB refuses a second call on a busy one), with its own entity rows and the session settings,
+    so the rows are those of the same retrievals made one at a time (and in UTC); the optimizer setting global to
+    the database is restored once the last of them ends."""
     from concurrent.futures import ThreadPoolExecutor
 
     cfg, _ = built
@@ -368,3 +369,7 @@ def test_one_instant_retrievals_from_several_threads_equal_the_same_retrievals_o
         for got, want in zip(together, alone, strict=True):
             pd.testing.assert_frame_equal(got, want)
     assert str(alone[0]["event_timestamp"].dt.tz) == "UTC" and alone[0]["us_impressions_7d"].notna().any()
+    import ibis
+
+    setting = "SELECT current_setting('disabled_optimizers')"
+    assert "top_n_window_elimination" not in str(ibis.get_backend().con.cursor().execute(setting).fetchall()[0][0])
