@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 
 PAIR_CHUNK = 2048
 TAIL_SPLIT = 4  # the stage's last chunks are this many times smaller (the lanes finish together)
-# planning a user (features, sequences, inputs) costs about a quarter of ranking it here: a segment this many times
-# the previous is planned while the previous is ranked
-RAMP = 4
+# planning a user (features, sequences, inputs) costs about a quarter of ranking it here: a segment at most this
+# many times the previous is planned while the previous is ranked, with room for the planner's first plans, which
+# take turns with the rest of the start-up (at 4, the lanes waited 0.2-0.4 s for the second segment here)
+RAMP = 2
 # chunks per lane in the stage's first segment: the lanes rank it while the second is planned, which waits for
 # everyone's behaviour sequences (with one chunk each, the lanes waited ~0.3 s for it here)
 HEAD_CHUNKS = 2

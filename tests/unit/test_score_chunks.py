@@ -95,7 +95,7 @@ def test_a_failing_warm_up_is_left_to_the_lanes(tmp_path, caplog):
 @pytest.mark.parametrize("n_users, first, sizes", [
     (0, True, []), (20, True, [16, 4]), (100, False, [40, 40, 20]),
     # from HEAD_CHUNKS chunks per lane up to retrieval_users, RAMP times at a time
-    (100, True, [16, 40, 40, 4]),
+    (100, True, [16, 32, 40, 12]),
 ])
 def test_segments_ramp_up_at_the_start_of_the_stage(tmp_path, n_users, first, sizes):
     cfg = load_config(environ={}, overrides={"home": str(tmp_path), "scoring": {
