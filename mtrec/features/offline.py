@@ -228,12 +228,13 @@ class InstantRetrievalJob(IbisRetrievalJob):
         # shared between threads): retrievals made in several threads run side by side, each with its own
         # registered entity rows; the session settings ibis gives its connection are set on this one too
         # (timestamps out in UTC, no Python variables read as tables)
-        con = ibis.get_backend().con.cursor()
+        parent = ibis.get_backend().con
+        con = parent.cursor()
         try:
             con.execute("SET TimeZone = 'UTC'")
             con.execute("SET python_enable_replacements = false")
             con.register(self._name, entity)
-            with _optimizers_off(con, SLOWER_REWRITES):
+            with _optimizers_off(con, SLOWER_REWRITES, database=id(parent)):
                 return con.sql(self._sql, params=self._params).to_arrow_table()
         finally:
             con.close()
@@ -247,35 +248,37 @@ SLOWER_REWRITES = ("top_n_window_elimination",)
 
 
 _OPTIMIZERS_LOCK = threading.Lock()
-_optimizers_held = {"queries": 0, "before": None}  # retrievals running with SLOWER_REWRITES off; the setting before
+# per database (its first connection's id): retrievals running with SLOWER_REWRITES off, and the setting before
+_optimizers_held: dict[int, dict] = {}
 
 
 @contextlib.contextmanager
-def _optimizers_off(con, names: tuple[str, ...]):
-    """The database's `disabled_optimizers` setting extended by `names` while any retrieval runs, then restored (a
-    DuckDB that does not know a name, or the setting, runs the query with its own plan). The setting is global
-    to the database, shared by its connections: the first of the retrievals running at once sets it, the last
-    restores it."""
+def _optimizers_off(con, names: tuple[str, ...], database: int = 0):
+    """The database's `disabled_optimizers` setting extended by `names` while any retrieval runs on it, then
+    restored (a DuckDB that does not know a name, or the setting, runs the query with its own plan). The setting
+    is global to the database, shared by its connections: the first of the retrievals running at once sets it,
+    the last restores it. `database`: what identifies the database `con` is a connection to."""
     with _OPTIMIZERS_LOCK:
-        if not _optimizers_held["queries"]:
+        held = _optimizers_held.setdefault(database, {"queries": 0, "before": None})
+        if not held["queries"]:
             try:
                 before = str(con.execute("SELECT current_setting('disabled_optimizers')").fetchall()[0][0] or "")
                 off = [n.strip() for n in before.split(",") if n.strip()]
                 con.execute("SET disabled_optimizers = $1", [",".join(off + [n for n in names if n not in off])])
             except duckdb.Error:
                 before = None
-            _optimizers_held["before"] = before
-        _optimizers_held["queries"] += 1
+            held["before"] = before
+        held["queries"] += 1
     try:
         yield
     finally:
         with _OPTIMIZERS_LOCK:
-            _optimizers_held["queries"] -= 1
-            before = _optimizers_held["before"]
-            if not _optimizers_held["queries"] and before is not None:
+            held["queries"] -= 1
+            if not held["queries"]:
+                before = _optimizers_held.pop(database)["before"]
                 if before:
                     con.execute("SET disabled_optimizers = $1", [before])
-                else:
+                elif before is not None:
                     con.execute("RESET disabled_optimizers")
 
 

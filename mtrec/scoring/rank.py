@@ -367,7 +367,7 @@ def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[
     """(universe, item context or None when it has no items) of each scenario in order, built as they are asked
     for. The universes come first (`universes`: already built, in the order of `scenarios`), then their items'
     features in one Feast retrieval (each retrieval pays a fixed cost) and the title embeddings, loaded once for
-    all."""
+    all (`shared`: the title embeddings and the attribute columns, when already loaded)."""
     from mtrec.features import store as FS
     from mtrec.features.training_set import load_item_embeddings, retrieve_side
 

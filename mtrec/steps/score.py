@@ -143,6 +143,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
 
     cutoff = pd.Timestamp(end_of_day(ds))
     people: dict[str, list[str]] = {}
+    first_items = None  # the future of the first scenario's item side, built ahead of its first plan
     try:
         all_scen = known_scenarios(wh, cfg, ds)
         todo = list(scenarios) if scenarios else all_scen
@@ -158,9 +159,11 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         shared_ready = opening.submit(lambda: (load_item_embeddings(cfg, wh), FS.attributes(cfg, wh)))
         mv, label = resolve_model(cfg, wh, ds, model)
         scorer = make_scorer(cfg, wh, mv)
+        out = scores_dir(cfg, ds, run_id)
+        out.mkdir(parents=True, exist_ok=True)
         head_scenario, head = (todo[0] if todo else ""), []
         if todo:  # the first item side is built as soon as the universes and the model are ready
-            planner.submit(item_side, head_scenario)
+            first_items = planner.submit(item_side, head_scenario)
             people[head_scenario] = active_users(wh, cfg, ds, head_scenario)
             head = (segments(cfg, people[head_scenario], first=True) or [[]])[0]
         head_sequences = opening.submit(sequence_codes, wh, cfg, head, cutoff)
@@ -176,8 +179,6 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     if mv is None:
         log.warning("score %s: no champion%s: ranking by smoothed popularity", ds,
                     " as of this date" if model == "as-of" else "")
-    out = scores_dir(cfg, ds, run_id)
-    out.mkdir(parents=True, exist_ok=True)
     schema = staging_schema(cfg)
     created = dt.datetime.now(dt.UTC)  # bookkeeping column only
     rows: dict[str, int] = {}
@@ -228,6 +229,8 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     def plan(scenario: str, part: list[str], last: bool, block: list[list[str]], first: bool = False,
              final: bool = False):
         t = time.perf_counter()
+        if first and first_items is not None:
+            first_items.result()  # (built ahead, in this thread: its failure is raised here)
         items = item_side(scenario)
         p = None
         if items and part:

@@ -270,3 +270,21 @@ def test_a_failing_users_query_surfaces_after_the_universes_queries_end(world, m
     n = len(built)
     time.sleep(1.0)
     assert n == 2 and len(built) == n and all(name.startswith("mtrec-score-open") for name in built)
+
+
+def test_a_failing_first_item_side_surfaces_its_own_error(world, monkeypatch):
+    """The first scenario's item side is built ahead of its first plan, as soon as the universes and the model
+    are ready: when it fails, that error is what the stage raises (and nothing is staged)."""
+    import mtrec.scoring.rank as rank
+    from mtrec.steps import score
+
+    cfg, _ = world
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("item features unreadable")
+
+    monkeypatch.setattr(rank, "item_context", broken)
+    with pytest.raises(RuntimeError, match="item features unreadable"):
+        score.run(cfg, DAYS[2], run_id="t-items", scenarios=["home", "search"])
+    staged = score.scores_dir(cfg, DAYS[2], "t-items")
+    assert not staged.exists() or [p.name for p in staged.iterdir() if not p.name.endswith(".lock")] == []
