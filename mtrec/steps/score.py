@@ -119,6 +119,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     )
 
     torch.set_num_threads(cfg.training.num_threads or 1)
+    started, cpu_started = time.perf_counter(), time.process_time()
     # the Feast store is opened (registry, repo, the offline store's modules) while the model loads and the users
     # are fetched
     opening = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mtrec-score-open")
@@ -182,13 +183,13 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     schema = staging_schema(cfg)
     created = dt.datetime.now(dt.UTC)  # bookkeeping column only
     rows: dict[str, int] = {}
-    started, cpu_started, forward_started = time.perf_counter(), time.process_time(), scorer.forward_cpu_seconds
+    forward_started = scorer.forward_cpu_seconds  # (nothing ranked yet)
     pairs: list[int] = []  # scored pairs per user chunk
     everyone = distinct_index([u for p in people.values() for u in p])  # each user once
 
     # (scenario, its users' segment, last segment?) in order; a scenario without users or items still gets an
     # (empty) staged file
-    # (the very first segment only as large as the lanes take at once: ranking starts sooner)
+    # (the very first segment only HEAD_CHUNKS chunks per lane: ranking starts sooner)
     # with the block of segments whose features are retrieved at once (the stage's first segment is fetched apart)
     tasks = []
     for n, scenario in enumerate(todo):
@@ -197,8 +198,8 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
             tasks += [(scenario, part, part is parts[-1], block) for part in block]
 
     def fetch_sequences():
-        """Behaviour sequences depend on the user only: one pass for the users of every scenario, in a thread
-        started with the stage, beside the first item side (the next segments need them soon after)."""
+        """Behaviour sequences depend on the user only: one pass for the users of every scenario, in an opening
+        thread once the scenarios' users are listed, beside the first plans (the second segment needs them)."""
         t = time.perf_counter()
         seq = sequence_codes(wh, cfg, everyone, cutoff)
         log.info("score %s: %d users' behaviour sequences in %.1f s", ds, len(seq.users), time.perf_counter() - t)
