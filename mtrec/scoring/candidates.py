@@ -49,39 +49,52 @@ def active_users(wh: Warehouse, cfg: MtrecConfig, ds: dt.date, scenario: str) ->
 
 
 def universe(wh: Warehouse, cfg: MtrecConfig, ds: dt.date, scenario: str) -> Universe:
+    return scenario_universes(wh, cfg, ds, [scenario])[0]
+
+
+def scenario_universes(wh: Warehouse, cfg: MtrecConfig, ds: dt.date, scenarios: list[str]) -> list[Universe]:
+    """The universe of each scenario, in order, from one pass over the window's events and one over the items
+    (the fresh items are the same for every scenario)."""
     c = cfg.scoring.candidates
     lo = ds - dt.timedelta(days=c.popular_window_days - 1)
     tasks = cfg.task_names
     sums = ", ".join(f"sum(CAST({q(t)} AS DOUBLE PRECISION)) AS {q('pos_' + t)}, count({q(t)}) AS {q('n_' + t)}"
                      for t in tasks)
     engaged = " + ".join(f"coalesce(CAST({q(t)} AS BIGINT), 0)" for t in root_tasks(cfg)) or "0"
-    stats = wh.query_df(
-        f"SELECT item_id, count(*) AS impressions, sum({engaged}) AS engaged, {sums} FROM {q(S.EVENTS)} "
-        f"WHERE scenario = :s AND ds BETWEEN :a AND :b AND item_id IS NOT NULL GROUP BY item_id",
-        {"s": scenario, "a": lo, "b": ds})
+    wanted = {f"s{n}": scenario for n, scenario in enumerate(dict.fromkeys(scenarios))}
+    all_stats = wh.query_df(
+        f"SELECT scenario, item_id, count(*) AS impressions, sum({engaged}) AS engaged, {sums} FROM {q(S.EVENTS)} "
+        f"WHERE scenario IN ({', '.join(':' + k for k in wanted)}) AND ds BETWEEN :a AND :b "
+        f"AND item_id IS NOT NULL GROUP BY scenario, item_id", {**wanted, "a": lo, "b": ds}) if wanted else None
     fresh_ids: list[str] = []
-    if wh.table_exists(S.ITEMS):
+    if wh.table_exists(S.ITEMS) and c.fresh and wanted:
         fresh_lo = end_of_day(ds) - dt.timedelta(days=c.fresh_days)
         fresh = wh.query_df(
             f"SELECT item_id FROM {q(S.ITEMS)} WHERE updated_at < :t GROUP BY item_id "
             f"HAVING min(updated_at) >= :lo ORDER BY min(updated_at) DESC, item_id LIMIT :n",
             {"t": end_of_day(ds), "lo": fresh_lo, "n": int(c.fresh)})
-        fresh_ids = fresh["item_id"].astype(str).tolist() if c.fresh else []
-    stats["item_id"] = stats["item_id"].astype(str)
-    stats = stats.sort_values(["engaged", "impressions", "item_id"], ascending=[False, False, True], kind="mergesort")
-    items = stats["item_id"].tolist() + [i for i in fresh_ids if i not in set(stats["item_id"])]
-    index = pd.Index(items)
-    prior = cfg.features.popularity_prior
-    rates: dict[str, np.ndarray] = {}
-    full = stats.set_index("item_id").reindex(items)
-    for t in tasks:
-        pos = pd.to_numeric(full[f"pos_{t}"], errors="coerce").fillna(0.0).to_numpy(np.float64)
-        n = pd.to_numeric(full[f"n_{t}"], errors="coerce").fillna(0.0).to_numpy(np.float64)
-        base = pos.sum() / n.sum() if n.sum() else 0.0
-        rates[t] = (pos + prior * base) / (n + prior)
-    n_pop = min(c.popular, len(stats))
-    return Universe(scenario=scenario, items=items, popular=np.arange(n_pop),
-                    fresh=index.get_indexer(fresh_ids).astype(np.int64), rates=rates)
+        fresh_ids = fresh["item_id"].astype(str).tolist()
+    out = []
+    for scenario in scenarios:
+        stats = all_stats[all_stats["scenario"] == scenario].drop(columns="scenario")
+        stats["item_id"] = stats["item_id"].astype(str)
+        stats = stats.sort_values(["engaged", "impressions", "item_id"], ascending=[False, False, True],
+                                  kind="mergesort")
+        shown = set(stats["item_id"])
+        items = stats["item_id"].tolist() + [i for i in fresh_ids if i not in shown]
+        index = pd.Index(items)
+        prior = cfg.features.popularity_prior
+        rates: dict[str, np.ndarray] = {}
+        full = stats.set_index("item_id").reindex(items)
+        for t in tasks:
+            pos = pd.to_numeric(full[f"pos_{t}"], errors="coerce").fillna(0.0).to_numpy(np.float64)
+            n = pd.to_numeric(full[f"n_{t}"], errors="coerce").fillna(0.0).to_numpy(np.float64)
+            base = pos.sum() / n.sum() if n.sum() else 0.0
+            rates[t] = (pos + prior * base) / (n + prior)
+        n_pop = min(c.popular, len(stats))
+        out.append(Universe(scenario=scenario, items=items, popular=np.arange(n_pop),
+                            fresh=index.get_indexer(fresh_ids).astype(np.int64), rates=rates))
+    return out
 
 
 def item_vectors(embeddings: ItemEmbeddings | None, items: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,8 +35,8 @@ from mtrec.scoring.candidates import (
     SimilarItems,
     Universe,
     candidate_grid,
+    scenario_universes,
     similar_items,
-    universe,
 )
 from mtrec.training.encoding import to_device
 from mtrec.warehouse import Warehouse
@@ -372,7 +372,7 @@ def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[
     from mtrec.features.training_set import load_item_embeddings, retrieve_side
 
     store = store or FS.feature_store(cfg)
-    unis = universes if universes is not None else [universe(wh, cfg, ds, scenario) for scenario in scenarios]
+    unis = universes if universes is not None else scenario_universes(wh, cfg, ds, scenarios)
     ids = [i for uni in unis for i in uni.items]
     if not ids:
         yield from ((uni, None) for uni in unis)
@@ -573,18 +573,24 @@ def _top_k(cfg: MtrecConfig, schema: pa.Schema, ds: dt.date, scenario: str, ids:
            run_id: str, created_at: dt.datetime) -> pa.Table:
     """The rows of daily_recommendations for a chunk from each user's top-k (padding dropped), ranks from 1, in
     `staging_schema` (the ids as dictionaries over the chunk's users and the universe: no id is copied per row)."""
-    keep = torch.isfinite(top_s)
-    rows_u = torch.arange(len(ids), dtype=torch.int32).unsqueeze(1).expand_as(top_s)[keep]
-    n = int(keep.sum())
+    n_users, k = top_s.shape
+    keep = np.isfinite(top_s.numpy()).ravel()
+    # row-major positions of the rows kept (all of them when every user has k candidates: no gather then)
+    kept = slice(None) if keep.all() else np.flatnonzero(keep)
+    n = len(keep) if isinstance(kept, slice) else len(kept)
+
+    def rows(x: torch.Tensor, dtype) -> pa.Array:
+        return pa.array(x.numpy().ravel()[kept].astype(dtype, copy=False))
+
     columns = {
         "ds": _constant(ds, n, pa.date32()), "scenario": _constant(scenario, n, pa.string()),
-        "user_id": pa.DictionaryArray.from_arrays(pa.array(rows_u.numpy()), pa.array(ids, type=pa.string())),
-        "rank": pa.array((torch.arange(top_s.shape[1]) + 1).expand_as(top_s)[keep].numpy().astype(np.int64)),
-        "item_id": pa.DictionaryArray.from_arrays(pa.array(top_i[keep].numpy().astype(np.int32)), item_ids),
-        "score": pa.array(top_s[keep].numpy().astype(np.float64))}
+        "user_id": pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(n_users, dtype=np.int32), k)[kept]),
+                                                  pa.array(ids, type=pa.string())),
+        "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int64), n_users)[kept]),
+        "item_id": pa.DictionaryArray.from_arrays(rows(top_i, np.int32), item_ids),
+        "score": rows(top_s, np.float64)}
     for t in cfg.task_names:
-        columns[S.prob_column(t)] = pa.array(top_p[t][keep].numpy().astype(np.float64)) \
-            if t in top_p else pa.nulls(n, pa.float64())
+        columns[S.prob_column(t)] = rows(top_p[t], np.float64) if t in top_p else pa.nulls(n, pa.float64())
     columns["model_version"] = _constant(version, n, pa.string())
     columns["run_id"] = _constant(run_id, n, pa.string())
     columns["created_at"] = _constant(pd.Timestamp(created_at).to_pydatetime(), n, pa.timestamp("us", tz="UTC"))

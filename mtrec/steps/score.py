@@ -105,7 +105,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         sequence_codes,
         set_offline_threads,
     )
-    from mtrec.scoring.candidates import SimilarCache, active_users, universe
+    from mtrec.scoring.candidates import SimilarCache, active_users, scenario_universes
     from mtrec.scoring.rank import (
         DICTIONARY_COLUMNS,
         ItemContext,
@@ -156,7 +156,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         # run one at a time): the universes and what every item side shares (title embeddings, attribute
         # columns), the model, then the first scenario's users and the first segment's own user features and
         # sequences (ranking starts without waiting for the other scenarios' users or everyone's sequences)
-        universes = opening.submit(lambda: [universe(wh, cfg, ds, scenario) for scenario in todo])
+        universes = opening.submit(scenario_universes, wh, cfg, ds, todo)
         shared_ready = opening.submit(lambda: (load_item_embeddings(cfg, wh), FS.attributes(cfg, wh)))
         mv, label = resolve_model(cfg, wh, ds, model)
         scorer = make_scorer(cfg, wh, mv)

@@ -159,6 +159,46 @@ def test_eager_scoring_gives_the_traced_lists(world):
     pd.testing.assert_frame_equal(_content(a), _content(b))
 
 
+def test_universes_of_several_scenarios_from_one_query_equal_each_scenario_alone(world):
+    """The universes are built from one grouped query over the window's events: each scenario's items, order
+    (most engaged, then most shown, then id), fresh items and smoothed rates are its own, as a per-scenario
+    reference in pandas computes them."""
+    from mtrec.data.raw import end_of_day
+    from mtrec.scoring.candidates import scenario_universes, universe
+
+    cfg, _ = world
+    ds = DAYS[2]
+    c, prior = cfg.scoring.candidates, cfg.features.popularity_prior
+    wh = open_warehouse(cfg)
+    try:
+        together = scenario_universes(wh, cfg, ds, ["search", "home"])
+        alone = [universe(wh, cfg, ds, s) for s in ("search", "home")]
+        events = wh.query_df("SELECT * FROM events WHERE ds BETWEEN :a AND :b",
+                             {"a": ds - dt.timedelta(days=c.popular_window_days - 1), "b": ds})
+        items = wh.query_df("SELECT item_id, min(updated_at) AS first FROM items WHERE updated_at < :t "
+                            "GROUP BY item_id", {"t": end_of_day(ds)})
+    finally:
+        wh.close()
+    first = pd.to_datetime(items["first"], utc=True)
+    fresh = items[first >= pd.Timestamp(end_of_day(ds)) - pd.Timedelta(days=c.fresh_days)].assign(first=first)
+    fresh = fresh.sort_values(["first", "item_id"], ascending=[False, True])["item_id"].head(c.fresh).tolist()
+    assert [u.scenario for u in together] == ["search", "home"]
+    for uni, solo in zip(together, alone, strict=True):
+        ev = events[(events["scenario"] == uni.scenario) & events["item_id"].notna()]
+        stats = ev.groupby("item_id").agg(impressions=("item_id", "size"), engaged=("click", "sum"),
+                                          pos=("click", "sum"), n=("click", "count")).reset_index()
+        stats = stats.sort_values(["engaged", "impressions", "item_id"], ascending=[False, False, True])
+        want = stats["item_id"].tolist() + [i for i in fresh if i not in set(stats["item_id"])]
+        assert uni.items == want == solo.items
+        assert uni.popular.tolist() == list(range(min(c.popular, len(stats))))
+        assert [uni.items[i] for i in uni.fresh] == fresh and fresh  # fresh items exist on this day
+        full = stats.set_index("item_id").reindex(want)
+        base = stats["pos"].sum() / stats["n"].sum()
+        rate = (full["pos"].fillna(0) + prior * base) / (full["n"].fillna(0) + prior)
+        np.testing.assert_allclose(uni.rates["click"], rate.to_numpy(), rtol=1e-12)
+        assert all(np.array_equal(uni.rates[t], solo.rates[t]) for t in cfg.task_names)
+
+
 def test_fusion_weights_and_popularity_fallback(world):
     from mtrec.steps import score
 
@@ -251,19 +291,19 @@ def test_a_failing_users_query_surfaces_after_the_universes_queries_end(world, m
     from mtrec.steps import score
 
     cfg, _ = world
-    real, built = C.universe, []
+    real, built = C.scenario_universes, []
 
     def slow(*args, **kwargs):
         time.sleep(0.3)
-        uni = real(*args, **kwargs)
-        built.append(threading.current_thread().name)
-        return uni
+        unis = real(*args, **kwargs)
+        built.extend(threading.current_thread().name for _ in unis)
+        return unis
 
     def broken(*args, **kwargs):
         time.sleep(0.1)  # (the universes' thread is under way)
         raise RuntimeError("users query failed")
 
-    monkeypatch.setattr(C, "universe", slow)
+    monkeypatch.setattr(C, "scenario_universes", slow)
     monkeypatch.setattr(C, "active_users", broken)
     with pytest.raises(RuntimeError, match="users query failed"):
         score.run(cfg, DAYS[2], run_id="t-users", scenarios=["home", "search"])

@@ -123,3 +123,35 @@ def test_retrieval_blocks_group_segments_up_to_retrieval_users(tmp_path, monkeyp
     assert [[len(p) for p in b] for b in got] == blocks and [p for b in got for p in b] == parts
     monkeypatch.setattr("mtrec.scoring.rank.SEGMENT_USERS", 30)
     assert max(len(s) for s in segments(cfg, [f"u{i}" for i in range(100)])) == 30
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_top_k_rows_drop_the_padding_of_users_with_fewer_than_k_candidates(tmp_path, short):
+    """A chunk's rows: each user's top k in rank order, user and item ids mapped through the dictionaries; a user
+    with fewer than k candidates (-inf past them) gets only their rows, and a user with none gets no row."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from mtrec.schema import prob_column
+    from mtrec.scoring.rank import _top_k, arrow_schema, staging_schema
+
+    cfg = load_config(environ={}, overrides={"home": str(tmp_path), "scoring": {"top_k": 3}})
+    ids, items = ["a", "b", "c"], [f"it{i}" for i in range(9)]
+    top_s = torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.7, 0.6], [0.4, 0.3, 0.2]])
+    top_i = torch.tensor([[4, 2, 7], [0, 1, 8], [3, 5, 6]])
+    if short:
+        top_s[0, 2] = top_s[2, :] = float("-inf")  # a has 2 candidates, c none
+    top_p = {t: top_s.clamp(min=0) / (n + 1) for n, t in enumerate(cfg.task_names)}
+    table = _top_k(cfg, staging_schema(cfg), dt.date(2024, 5, 1), "s", ids, pa.array(items),
+                   top_s, top_i, top_p, version="v1", run_id="r1",
+                   created_at=dt.datetime(2024, 5, 2, tzinfo=dt.UTC)).cast(arrow_schema(cfg)).to_pandas()
+    keep = [(u, r) for u in range(3) for r in range(3) if bool(torch.isfinite(top_s[u, r]))]
+    assert len(table) == (5 if short else 9)
+    assert table["user_id"].tolist() == [ids[u] for u, _ in keep]
+    assert table["rank"].tolist() == [r + 1 for _, r in keep]
+    assert table["item_id"].tolist() == [items[int(top_i[u, r])] for u, r in keep]
+    assert table["score"].tolist() == pytest.approx([float(top_s[u, r]) for u, r in keep])
+    for t in cfg.task_names:
+        assert table[prob_column(t)].tolist() == pytest.approx([float(top_p[t][u, r]) for u, r in keep])
+    assert set(table["ds"].astype(str)) == {"2024-05-01"} and set(table["model_version"]) == {"v1"}
