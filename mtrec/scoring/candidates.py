@@ -49,6 +49,7 @@ def active_users(wh: Warehouse, cfg: MtrecConfig, ds: dt.date, scenario: str) ->
 
 
 def universe(wh: Warehouse, cfg: MtrecConfig, ds: dt.date, scenario: str) -> Universe:
+    """The universe of one scenario (`scenario_universes`)."""
     return scenario_universes(wh, cfg, ds, [scenario])[0]
 
 
