@@ -140,6 +140,22 @@ class SimilarItems:
             self.table[:, :n] = torch.where(has_vector, self.vectors @ self.vectors.T, float("-inf"))
         self.item_top = _top_indices(self.table, self.k) if self.table is not None and self.k else None
 
+    def reordered(self, perm: torch.Tensor) -> SimilarItems:
+        """The same similarities over the same items in another order (item n of the new universe is item
+        perm[n] of this one): the table and the items' own lists permuted, not computed again."""
+        out = SimilarItems.__new__(SimilarItems)
+        out.has_vector, out.k, out.vectors = self.has_vector[perm], self.k, self.vectors[perm]
+        out.table = out.item_top = None
+        if self.table is not None:
+            n = len(perm)
+            out.table = torch.full_like(self.table, float("-inf"))  # (the same padding to whole groups)
+            out.table[:, :n] = self.table[perm][:, perm]
+        if self.item_top is not None:
+            new = torch.empty_like(perm)
+            new[perm] = torch.arange(len(perm))
+            out.item_top = new[self.item_top[perm]]
+        return out
+
     def top(self, seen: torch.Tensor) -> torch.Tensor:
         """seen [U, L] universe indices (-1: none) -> [U, k] nearest items (in no particular order), -1 for users
         without a profile."""
@@ -243,8 +259,15 @@ def _largest(v: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(v, n - k, axis=1)[:, n - k:]
 
 
-def similar_items(cfg: MtrecConfig, embeddings: ItemEmbeddings | None, items: list[str]) -> SimilarItems | None:
-    """Built once per scenario; None when the similar-items source is off or no universe item has a title."""
+def similar_items(cfg: MtrecConfig, embeddings: ItemEmbeddings | None, items: list[str],
+                  previous: tuple[list[str], SimilarItems | None] | None = None) -> SimilarItems | None:
+    """Built once per scenario; None when the similar-items source is off or no universe item has a title.
+    `previous`: (universe, its similar items) of another scenario, with the same embeddings: when it holds the
+    same items (in whatever order), its table is reordered instead of computed again."""
+    if previous is not None and previous[1] is not None and len(previous[0]) == len(items):
+        perm = pd.Index(previous[0]).get_indexer(items)
+        if (perm >= 0).all() and len(set(items)) == len(items):
+            return previous[1].reordered(torch.from_numpy(perm.astype(np.int64)))
     vectors, has_vector = item_vectors(embeddings, items)
     if not cfg.scoring.candidates.similar or not bool(has_vector.any()):
         return None

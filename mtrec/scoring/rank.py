@@ -348,13 +348,18 @@ class ScenarioPlan:
 
 
 def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, scorer: Scorer, *, store,
-                 features: pd.DataFrame, embeddings: ItemEmbeddings | None, attributes: Attributes) -> ItemContext:
+                 features: pd.DataFrame, embeddings: ItemEmbeddings | None, attributes: Attributes,
+                 previous: ItemContext | None = None) -> ItemContext:
     """The item side (once per (item, scenario)) and the similar-items table of a scenario, from the universe's
-    item-side features already retrieved and the title embeddings and attribute columns already loaded."""
+    item-side features already retrieved and the title embeddings and attribute columns already loaded.
+    `previous`: the context of another scenario of the stage (its similarity table is reused when its universe
+    holds the same items)."""
     item_table = build_scoring_table(cfg, wh, ds, pd.DataFrame(
         {"user_id": "", "scenario": uni.scenario, "item_id": uni.items}), sides=("item",), store=store,
         prefetched={"item": features}, embeddings=embeddings, attributes=attributes)
-    return ItemContext(uni=uni, i_side=scorer.items(item_table, uni), similar=similar_items(cfg, embeddings, uni.items),
+    similar = similar_items(cfg, embeddings, uni.items,
+                            None if previous is None else (previous.uni.items, previous.similar))
+    return ItemContext(uni=uni, i_side=scorer.items(item_table, uni), similar=similar,
                        embeddings=embeddings, weights=cfg.fusion_weights(uni.scenario),
                        item_index=pd.Index(uni.items), item_ids=pa.array(uni.items, type=pa.string()),
                        chunk=cfg.scoring.batch_users, attributes=attributes)
@@ -367,7 +372,8 @@ def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[
     """(universe, item context or None when it has no items) of each scenario in order, built as they are asked
     for. The universes come first (`universes`: already built, in the order of `scenarios`), then their items'
     features in one Feast retrieval (each retrieval pays a fixed cost) and the title embeddings, loaded once for
-    all (`shared`: the title embeddings and the attribute columns, when already loaded)."""
+    all (`shared`: the title embeddings and the attribute columns, when already loaded). A scenario whose universe
+    holds the same items as the one before reuses its similarity table."""
     from mtrec.features import store as FS
     from mtrec.features.training_set import load_item_embeddings, retrieve_side
 
@@ -379,9 +385,12 @@ def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[
         return
     got = retrieve_side(cfg, ds, "item", ids, [uni.scenario for uni in unis for _ in uni.items], store=store)
     embeddings, attributes = shared or (load_item_embeddings(cfg, wh), FS.attributes(cfg, wh))
+    previous = None
     for uni in unis:
-        yield uni, item_context(cfg, wh, ds, uni, scorer, store=store, embeddings=embeddings, attributes=attributes,
-                                features=got[got["scenario"] == uni.scenario]) if uni.items else None
+        context = item_context(cfg, wh, ds, uni, scorer, store=store, embeddings=embeddings, attributes=attributes,
+                               features=got[got["scenario"] == uni.scenario], previous=previous) if uni.items else None
+        previous = context or previous
+        yield uni, context
 
 
 def plan_users(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, items: ItemContext, users: list[str], scorer: Scorer,

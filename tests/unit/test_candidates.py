@@ -183,3 +183,35 @@ def test_similar_cache_ranks_a_user_once_across_scenarios_with_the_same_universe
     # no positives kept (sequence length 0): no profile, no list
     assert bool((C.SimilarCache(users).top(sims[0], uni.items, users, seen[:, :0]) == -1).all())
     assert bool((C.SimilarCache([]).top(sims[0], uni.items, users[:3], seen[:3]) == sims[0].top(seen[:3])).all())
+
+
+@pytest.mark.parametrize("table_items", [10_000, 10])  # the item x item table, and the matrix product
+def test_similar_items_of_the_same_universe_in_another_order_are_reordered_not_recomputed(monkeypatch,
+                                                                                        table_items):
+    """A scenario whose universe holds the previous one's items in another order takes its similarity table
+    reordered: the same nearest items for every user as a table computed for that order; a universe with other
+    items is computed afresh."""
+    monkeypatch.setattr(C, "SIMILARITY_TABLE_ITEMS", table_items)
+    cfg = load_config(environ={}, overrides={"scoring": {"candidates": {"similar": 20}}})
+    uni, emb, seen = _world(seed=4)
+    first = C.similar_items(cfg, emb, uni.items)
+    perm = np.random.default_rng(2).permutation(len(uni.items))
+    items2 = [uni.items[p] for p in perm]
+    where = np.empty(len(perm), np.int64)
+    where[perm] = np.arange(len(perm))
+    seen2 = torch.from_numpy(np.where(seen.numpy() >= 0, where[seen.numpy().clip(0)], -1))
+    built = []
+    real = C.item_vectors
+    monkeypatch.setattr(C, "item_vectors", lambda *a: built.append(1) or real(*a))
+    reused = C.similar_items(cfg, emb, items2, (uni.items, first))
+    assert not built  # reordered, not computed
+    fresh = C.similar_items(cfg, emb, items2)
+    assert built == [1]
+    assert torch.equal(reused.has_vector, fresh.has_vector) and reused.k == fresh.k
+    assert torch.equal(reused.top(seen2).sort(1).values, fresh.top(seen2).sort(1).values)
+    if fresh.table is not None:
+        titled = fresh.has_vector  # (an untitled item's row is all ties; it is never a profile)
+        assert torch.equal(reused.item_top[titled].sort(1).values, fresh.item_top[titled].sort(1).values)
+        assert torch.allclose(reused.table, fresh.table, atol=1e-6)
+    other = C.similar_items(cfg, emb, uni.items[:-1], (uni.items, first))  # not the same items: computed
+    assert built == [1, 1] and other is not None
