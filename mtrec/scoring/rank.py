@@ -289,6 +289,11 @@ def _constant(value, n: int, type_: pa.DataType) -> pa.Array:
     return pa.repeat(pa.scalar(value, type=type_), n)  # (a take of one value n times: a gather per row)
 
 
+def _one_value(text: str, n: int) -> pa.DictionaryArray:
+    """n rows of one text as a dictionary of one entry."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([text], type=pa.string()))
+
+
 def available_cpus() -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's CPU limit)."""
     try:
@@ -592,7 +597,7 @@ def _top_k(cfg: MtrecConfig, schema: pa.Schema, ds: dt.date, scenario: str, ids:
         return pa.array(x.numpy().ravel()[kept].astype(dtype, copy=False))
 
     columns = {
-        "ds": _constant(ds, n, pa.date32()), "scenario": _constant(scenario, n, pa.string()),
+        "ds": _constant(ds, n, pa.date32()), "scenario": _one_value(scenario, n),
         "user_id": pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(n_users, dtype=np.int32), k)[kept]),
                                                   pa.array(ids, type=pa.string())),
         "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int64), n_users)[kept]),
@@ -600,8 +605,8 @@ def _top_k(cfg: MtrecConfig, schema: pa.Schema, ds: dt.date, scenario: str, ids:
         "score": rows(top_s, np.float64)}
     for t in cfg.task_names:
         columns[S.prob_column(t)] = rows(top_p[t], np.float64) if t in top_p else pa.nulls(n, pa.float64())
-    columns["model_version"] = _constant(version, n, pa.string())
-    columns["run_id"] = _constant(run_id, n, pa.string())
+    columns["model_version"] = _one_value(version, n)
+    columns["run_id"] = _one_value(run_id, n)
     columns["created_at"] = _constant(pd.Timestamp(created_at).to_pydatetime(), n, pa.timestamp("us", tz="UTC"))
     return pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
@@ -613,13 +618,15 @@ def arrow_schema(cfg: MtrecConfig) -> pa.Schema:
     return pa.schema([pa.field(c, types[t]) for c, t in spec.columns.items()])
 
 
-DICTIONARY_COLUMNS = ("user_id", "item_id")
+# the ids, and the text columns of one value per chunk (a dictionary of one entry: the Parquet writer takes a
+# dictionary as it is, where it would hash every row of a plain column; 0.4-0.6 -> 0.2 ms per column per chunk)
+DICTIONARY_COLUMNS = ("user_id", "item_id", "scenario", "model_version", "run_id")
 
 
 def staging_schema(cfg: MtrecConfig) -> pa.Schema:
-    """`arrow_schema` with the ids as dictionaries (int32 indices), as the ranked chunks hold them. Written to
-    Parquet without the Arrow schema (`store_schema=False`), the columns are dictionary-encoded strings that read
-    back as `arrow_schema`'s plain strings."""
+    """`arrow_schema` with the ids and the constant text columns as dictionaries (int32 indices), as the ranked
+    chunks hold them. Written to Parquet without the Arrow schema (`store_schema=False`), the columns are
+    dictionary-encoded strings that read back as `arrow_schema`'s plain strings."""
     schema = arrow_schema(cfg)
     for c in DICTIONARY_COLUMNS:
         schema = schema.set(schema.get_field_index(c), pa.field(c, pa.dictionary(pa.int32(), pa.string())))

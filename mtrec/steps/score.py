@@ -277,7 +277,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
             if scenario not in writers:
                 # (read whole by publish, as plain strings: no statistics, no Arrow schema)
                 writers[scenario] = pq.ParquetWriter(tmp_path(scenario), schema, write_statistics=False,
-                                                     use_dictionary=[*CONSTANT_COLUMNS, *DICTIONARY_COLUMNS],
+                                                     use_dictionary=sorted({*CONSTANT_COLUMNS, *DICTIONARY_COLUMNS}),
                                                      column_encoding=float_encoding,
                                                      store_schema=False)
             if table is not None:
