@@ -568,17 +568,20 @@ def _score_grid(scorer: Scorer, u_side: dict, i_side: dict, cand: torch.Tensor, 
     n_users, width = cand.shape
     probs = scorer.grid_blocks(u_side, i_side, cand, blocks)
     kk = min(k, width)
-    top_s = torch.full((n_users, k), float("-inf"))
-    top_i = torch.zeros((n_users, k), dtype=torch.long)
-    top_p = {t: torch.zeros((n_users, k)) for t in scorer.tasks}
     if probs:
         device = next(iter(probs.values())).device
         fused = torch.where(valid.to(device), _fuse(probs, weights), float("-inf"))
         s, j = torch.topk(fused, kk, dim=1)
-        top_s[:, :kk] = s.cpu()
-        top_i[:, :kk] = cand.gather(1, j.cpu())
+        s, i, p = s.cpu(), cand.gather(1, j.cpu()), {t: probs[t].gather(1, j).cpu() for t in scorer.tasks}
+        if kk == k:  # (the grid is at least k wide: the common case)
+            return s, i, p
+    top_s = torch.full((n_users, k), float("-inf"))
+    top_i = torch.zeros((n_users, k), dtype=torch.long)
+    top_p = {t: torch.zeros((n_users, k)) for t in scorer.tasks}
+    if probs:
+        top_s[:, :kk], top_i[:, :kk] = s, i
         for t in scorer.tasks:
-            top_p[t][:, :kk] = probs[t].gather(1, j).cpu()
+            top_p[t][:, :kk] = p[t]
     return top_s, top_i, top_p
 
 

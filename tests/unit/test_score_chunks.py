@@ -155,3 +155,28 @@ def test_top_k_rows_drop_the_padding_of_users_with_fewer_than_k_candidates(tmp_p
     for t in cfg.task_names:
         assert table[prob_column(t)].tolist() == pytest.approx([float(top_p[t][u, r]) for u, r in keep])
     assert set(table["ds"].astype(str)) == {"2024-05-01"} and set(table["model_version"]) == {"v1"}
+
+
+@pytest.mark.parametrize("width", [3, 8])
+def test_score_grid_ranks_each_users_valid_candidates_by_fused_score(width):
+    """Each user's top k by the fused score among their valid candidates, with their task probabilities; a grid
+    narrower than k (or a user with fewer candidates) leaves -inf scores past them."""
+    from mtrec.scoring.rank import _score_grid
+
+    g = torch.Generator().manual_seed(width)
+    n_users, k = 6, 5
+    probs = {"a": torch.rand(n_users, width, generator=g), "b": torch.rand(n_users, width, generator=g)}
+    cand = torch.randint(0, 50, (n_users, width), generator=g)
+    valid = torch.ones(n_users, width, dtype=torch.bool)
+    valid[1, 2:] = False  # a user with 2 candidates
+    scorer = SimpleNamespace(tasks=["a", "b"], grid_blocks=lambda u, i, c, b: probs)
+    top_s, top_i, top_p = _score_grid(scorer, {}, {}, cand, valid, [], {"a": 1.0, "b": 0.5}, k)
+    assert tuple(top_s.shape) == tuple(top_i.shape) == (n_users, k)
+    for u in range(n_users):
+        fused = [(float(probs["a"][u, c] + 0.5 * probs["b"][u, c]), c) for c in range(width) if valid[u, c]]
+        want = sorted(fused, reverse=True)[:k]
+        n = len(want)
+        assert top_s[u, :n].tolist() == pytest.approx([s for s, _ in want])
+        assert bool(torch.isinf(top_s[u, n:]).all())
+        assert top_i[u, :n].tolist() == [int(cand[u, c]) for _, c in want]
+        assert top_p["b"][u, :n].tolist() == pytest.approx([float(probs["b"][u, c]) for _, c in want])
