@@ -75,6 +75,7 @@ def scenario_universes(wh: Warehouse, cfg: MtrecConfig, ds: dt.date, scenarios: 
             f"HAVING min(updated_at) >= :lo ORDER BY min(updated_at) DESC, item_id LIMIT :n",
             {"t": end_of_day(ds), "lo": fresh_lo, "n": int(c.fresh)})
         fresh_ids = fresh["item_id"].astype(str).tolist()
+    prior = cfg.features.popularity_prior
     out = []
     for scenario in scenarios:
         stats = all_stats[all_stats["scenario"] == scenario].drop(columns="scenario")
@@ -84,7 +85,6 @@ def scenario_universes(wh: Warehouse, cfg: MtrecConfig, ds: dt.date, scenarios: 
         shown = set(stats["item_id"])
         items = stats["item_id"].tolist() + [i for i in fresh_ids if i not in shown]
         index = pd.Index(items)
-        prior = cfg.features.popularity_prior
         rates: dict[str, np.ndarray] = {}
         full = stats.set_index("item_id").reindex(items)
         for t in tasks:

@@ -30,9 +30,9 @@ from mtrec.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 
-# columns that hold one value per staged file, and the ids (written from dictionaries): dictionary-encoded (the
-# others are not worth their dictionary)
-CONSTANT_COLUMNS = ["ds", "scenario", "model_version", "run_id", "created_at"]
+# columns that hold one value per staged file besides those the chunks hold as dictionaries (DICTIONARY_COLUMNS):
+# dictionary-encoded too (the others are not worth their dictionary)
+CONSTANT_COLUMNS = ["ds", "created_at"]
 PLAN_AHEAD = 2  # segments planned ahead of the one being ranked (each holds its users' input tensors)
 # DuckDB worker threads (warehouse and Feast's offline store) once the lanes rank: a query then runs on its caller's
 # thread alone, as the planner is ahead of the lanes; more workers would take turns with the lanes, at a cost
@@ -277,7 +277,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
             if scenario not in writers:
                 # (read whole by publish, as plain strings: no statistics, no Arrow schema)
                 writers[scenario] = pq.ParquetWriter(tmp_path(scenario), schema, write_statistics=False,
-                                                     use_dictionary=sorted({*CONSTANT_COLUMNS, *DICTIONARY_COLUMNS}),
+                                                     use_dictionary=[*CONSTANT_COLUMNS, *DICTIONARY_COLUMNS],
                                                      column_encoding=float_encoding,
                                                      store_schema=False)
             if table is not None:
