@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -370,26 +370,38 @@ def item_context(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, uni: Universe, sc
                        chunk=cfg.scoring.batch_users, attributes=attributes)
 
 
-def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[str], scorer: Scorer, *,
-                  store=None, universes: list[Universe] | None = None,
+def universe_features(cfg: MtrecConfig, ds: dt.date, unis: list[Universe], store) -> pd.DataFrame | None:
+    """The item-side features of every universe's items, in one Feast retrieval (each pays a fixed cost); None when
+    no universe has an item."""
+    from mtrec.features.training_set import retrieve_side
+
+    ids = [i for uni in unis for i in uni.items]
+    if not ids:
+        return None
+    return retrieve_side(cfg, ds, "item", ids, [uni.scenario for uni in unis for _ in uni.items], store=store)
+
+
+def item_contexts(cfg: MtrecConfig, wh: Warehouse, ds: dt.date, scenarios: list[str],
+                  scorer: Scorer | Callable[[], Scorer], *, store=None, universes: list[Universe] | None = None,
                   shared: tuple[ItemEmbeddings | None, Attributes] | None = None,
-                  ) -> Iterator[tuple[Universe, ItemContext | None]]:
+                  features: pd.DataFrame | None = None) -> Iterator[tuple[Universe, ItemContext | None]]:
     """(universe, item context or None when it has no items) of each scenario in order, built as they are asked
     for. The universes come first (`universes`: already built, in the order of `scenarios`), then their items'
-    features in one Feast retrieval (each retrieval pays a fixed cost) and the title embeddings, loaded once for
-    all (`shared`: the title embeddings and the attribute columns, when already loaded). A scenario whose universe
-    holds the same items as the one before reuses its similarity table."""
+    features (`universe_features`; `features`: already retrieved) and the title embeddings, loaded once for all
+    (`shared`: the title embeddings and the attribute columns, when already loaded). A scenario whose universe
+    holds the same items as the one before reuses its similarity table. `scorer`, or a function giving it (called
+    for the first item side: the model may still be loading while the features are retrieved)."""
     from mtrec.features import store as FS
-    from mtrec.features.training_set import load_item_embeddings, retrieve_side
+    from mtrec.features.training_set import load_item_embeddings
 
     store = store or FS.feature_store(cfg)
     unis = universes if universes is not None else scenario_universes(wh, cfg, ds, scenarios)
-    ids = [i for uni in unis for i in uni.items]
-    if not ids:
+    got = features if features is not None else universe_features(cfg, ds, unis, store)
+    if got is None:
         yield from ((uni, None) for uni in unis)
         return
-    got = retrieve_side(cfg, ds, "item", ids, [uni.scenario for uni in unis for _ in uni.items], store=store)
     embeddings, attributes = shared or (load_item_embeddings(cfg, wh), FS.attributes(cfg, wh))
+    scorer = scorer if isinstance(scorer, Scorer) else scorer()
     previous = None
     for uni in unis:
         context = item_context(cfg, wh, ds, uni, scorer, store=store, embeddings=embeddings, attributes=attributes,
@@ -499,14 +511,15 @@ def _score_chunk(cfg: MtrecConfig, ds: dt.date, plan: ScenarioPlan, scorer: Scor
 
 def rank_plans(cfg: MtrecConfig, ds: dt.date, plans: Iterable[tuple[str, ScenarioPlan | None, bool]],
                scorer: Scorer, *, run_id: str, created_at: dt.datetime,
-               on_chunk=None) -> Iterator[tuple[str, pa.Table | None]]:
+               on_chunk=None, warm: bool = True) -> Iterator[tuple[str, pa.Table | None]]:
     """Rank the users of each plan (scenario, plan of a segment of its users or None, last segment of the
     scenario?); yield (scenario, top-K rows of a chunk) in user order, then (scenario, None) once the scenario is
     complete. Uses no warehouse connection.
 
     Chunks are scored side by side by `scoring.workers` threads (torch, numpy and Arrow release the GIL in their
     kernels), across segment and scenario boundaries: the next plan's first chunks start while the last ones of
-    the previous are still running. At most workers + 1 chunks are in memory."""
+    the previous are still running. At most workers + 1 chunks are in memory. `warm`: `warm_up` on the first
+    plan's first users beside the lanes' first chunks (off: the caller has warmed up the scorer)."""
     workers = scoring_workers(cfg)
     pending: deque = deque()  # (scenario, future of a chunk | None = end of the scenario), in output order
 
@@ -526,7 +539,7 @@ def rank_plans(cfg: MtrecConfig, ds: dt.date, plans: Iterable[tuple[str, Scenari
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mtrec-score") as pool:
             for scenario, plan, last in plans:
-                if warming is None and plan is not None and plan.users:
+                if warm and warming is None and plan is not None and plan.users:
                     warming = threading.Thread(target=warm_up, args=(cfg, plan, scorer), name="mtrec-score-warm-up")
                     warming.start()
                 for rows in plan.chunks() if plan is not None else ():

@@ -12,9 +12,10 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,12 @@ def _merge_success(path: Path, ds: dt.date, run_id: str, model_version: str, row
         os.replace(tmp, path)
 
 
+def _close_readers(readers: list, wh: Warehouse) -> None:
+    for r in readers:
+        if r is not wh:
+            r.close()
+
+
 def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: list[str] | None,
           model: str) -> ScoreResult:
     import torch
@@ -108,6 +115,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     from mtrec.scoring.candidates import SimilarCache, active_users, scenario_universes
     from mtrec.scoring.rank import (
         DICTIONARY_COLUMNS,
+        WARM_UP_USERS,
         ItemContext,
         item_contexts,
         plan_users,
@@ -116,13 +124,15 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         scoring_workers,
         segments,
         staging_schema,
+        universe_features,
+        warm_up,
     )
 
     torch.set_num_threads(cfg.training.num_threads or 1)
     started, cpu_started = time.perf_counter(), time.process_time()
     # the Feast store is opened (registry, repo, the offline store's modules) while the model loads and the users
     # are fetched
-    opening = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mtrec-score-open")
+    opening = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mtrec-score-open")
     store_ready = opening.submit(FS.open_for_retrieval, cfg)
     # the planner: item sides and segments' plans, in order, in one thread (`plan`, `planned`)
     planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrec-score-plan")
@@ -134,9 +144,11 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         """The scenario's item context, built once (scenarios are planned in order, in the planner thread)."""
         nonlocal scenario_items
         if scenario not in contexts:
-            scenario_items = scenario_items or item_contexts(cfg, wh, ds, todo, scorer, store=store_ready.result(),
+            scenario_items = scenario_items or item_contexts(cfg, wh, ds, todo, scorer_ready.result,
+                                                             store=store_ready.result(),
                                                              universes=universes.result(),
-                                                             shared=shared_ready.result())
+                                                             shared=shared_ready.result(),
+                                                             features=item_features.result())
             contexts.clear()
             uni, contexts[scenario] = next(scenario_items)
             n_items[scenario] = len(uni.items)
@@ -145,6 +157,24 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
     cutoff = pd.Timestamp(end_of_day(ds))
     people: dict[str, list[str]] = {}
     first_items = None  # the future of the first scenario's item side, built ahead of its first plan
+    scorer_ready: Future = Future()  # the model, loaded by the caller while the item features are retrieved
+    warming: threading.Thread | None = None
+
+    def early_warm_up() -> None:
+        """`warm_up` on the first segment's first WARM_UP_USERS users, planned as soon as their scenario's item
+        side, their features and sequences are ready (beside the first plan): the lanes' first chunks find the
+        trace made and optimized. A failure here is left to the lanes, which meet it again and raise it."""
+        try:
+            items = first_items.result()
+            few = head[:WARM_UP_USERS]
+            if items is not None and few:
+                warm_up(cfg, plan_users(cfg, wh, ds, items, few, scorer, head_sequences.result(),
+                                        store=store_ready.result(), features=head_features.result()), scorer)
+        except Exception as e:  # noqa: BLE001 - see above
+            log.debug("scoring warm-up skipped: %s", e)
+    # the opening threads' warehouse queries run on connections of their own (when the warehouse has them): beside
+    # the caller's instead of one at a time
+    readers = [wh.reader() if hasattr(wh, "reader") else wh for _ in range(2)]
     try:
         all_scen = known_scenarios(wh, cfg, ds)
         todo = list(scenarios) if scenarios else all_scen
@@ -152,30 +182,39 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         if unknown:
             raise StageError(f"unknown scenario(s) {unknown}: known are {all_scen}", table="events", column="scenario",
                              ds=ds)
-        # the start-up in the order the first ranked chunk needs it (the warehouse has one connection: its queries
-        # run one at a time): the universes and what every item side shares (title embeddings, attribute
-        # columns), the model, then the first scenario's users and the first segment's own user features and
-        # sequences (ranking starts without waiting for the other scenarios' users or everyone's sequences)
-        universes = opening.submit(scenario_universes, wh, cfg, ds, todo)
-        shared_ready = opening.submit(lambda: (load_item_embeddings(cfg, wh), FS.attributes(cfg, wh)))
-        mv, label = resolve_model(cfg, wh, ds, model)
-        scorer = make_scorer(cfg, wh, mv)
-        out = scores_dir(cfg, ds, run_id)
-        out.mkdir(parents=True, exist_ok=True)
+        # the start-up in the order the first ranked chunk needs it: the universes, their items' features and
+        # what every item side shares (title embeddings, attribute columns), the first scenario's users, then the
+        # first segment's own user features and sequences beside the model (ranking starts without waiting for the
+        # other scenarios' users or everyone's sequences)
+        universes = opening.submit(scenario_universes, readers[0], cfg, ds, todo)
+        shared_ready = opening.submit(lambda: (load_item_embeddings(cfg, readers[0]), FS.attributes(cfg, readers[0])))
+        item_features = opening.submit(lambda: universe_features(cfg, ds, universes.result(), store_ready.result()))
         head_scenario, head = (todo[0] if todo else ""), []
-        if todo:  # the first item side is built as soon as the universes and the model are ready
+        if todo:  # the first item side is built as soon as its features and the model are ready
             first_items = planner.submit(item_side, head_scenario)
             people[head_scenario] = active_users(wh, cfg, ds, head_scenario)
             head = (segments(cfg, people[head_scenario], first=True) or [[]])[0]
-        head_sequences = opening.submit(sequence_codes, wh, cfg, head, cutoff)
+        head_sequences = opening.submit(sequence_codes, readers[1], cfg, head, cutoff)
         head_features = opening.submit(lambda: retrieve_side(cfg, ds, "user", head, head_scenario,
                                                              store=store_ready.result()))
+        mv, label = resolve_model(cfg, wh, ds, model)
+        scorer = make_scorer(cfg, wh, mv)
+        scorer_ready.set_result(scorer)
+        if head:  # the trace made on a few users of the first segment, beside the first plan
+            warming = threading.Thread(target=early_warm_up, name="mtrec-score-warm-up")
+            warming.start()
+        out = scores_dir(cfg, ds, run_id)
+        out.mkdir(parents=True, exist_ok=True)
+        people.update({scenario: active_users(wh, cfg, ds, scenario) for scenario in todo[1:]})
         universes.result()
         shared_ready.result()
-        people.update({scenario: active_users(wh, cfg, ds, scenario) for scenario in todo[1:]})
     except BaseException:  # the opening threads' queries end before the caller closes the warehouse connection
+        scorer_ready.cancel()  # (the planner waiting for the model stops)
         opening.shutdown(wait=True, cancel_futures=True)
         planner.shutdown(wait=True, cancel_futures=True)
+        if warming is not None:
+            warming.join()
+        _close_readers(readers, wh)
         raise
     if mv is None:
         log.warning("score %s: no champion%s: ranking by smoothed popularity", ds,
@@ -201,7 +240,7 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         """Behaviour sequences depend on the user only: one pass for the users of every scenario, in an opening
         thread once the scenarios' users are listed, beside the first plans (the second segment needs them)."""
         t = time.perf_counter()
-        seq = sequence_codes(wh, cfg, everyone, cutoff)
+        seq = sequence_codes(readers[1], cfg, everyone, cutoff)
         log.info("score %s: %d users' behaviour sequences in %.1f s", ds, len(seq.users), time.perf_counter() - t)
         return seq
 
@@ -273,7 +312,8 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
 
     try:
         for scenario, table in rank_plans(cfg, ds, planned(), scorer, run_id=run_id, created_at=created,
-                                          on_chunk=lambda _s, u, p: (bar.update(u), pairs.append(p))):
+                                          on_chunk=lambda _s, u, p: (bar.update(u), pairs.append(p)),
+                                          warm=False):
             if scenario not in writers:
                 # (read whole by publish, as plain strings: no statistics, no Arrow schema)
                 writers[scenario] = pq.ParquetWriter(tmp_path(scenario), schema, write_statistics=False,
@@ -294,6 +334,9 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
         # closes next
         opening.shutdown(wait=True, cancel_futures=True)
         planner.shutdown(wait=True, cancel_futures=True)
+        if warming is not None:  # (it is short: a few users' pairs)
+            warming.join()
+        _close_readers(readers, wh)
         previous = dict(duckdb_threads)
         duckdb_threads["stage ended"] = None  # (a planner still running after a failure does not go lean)
         if previous.get("warehouse"):

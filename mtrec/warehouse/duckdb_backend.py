@@ -178,6 +178,16 @@ class DuckDBWarehouse:
         with self._lock:
             return set_duckdb_threads(self.con, n)
 
+    def reader(self) -> DuckDBWarehouse:
+        """Another connection to the same database, for reads from another thread: its queries run beside this
+        connection's instead of waiting for its lock (it sees what is committed). Close it when done."""
+        out = DuckDBWarehouse.__new__(DuckDBWarehouse)
+        out.url, out.path, out._depth, out._lock = self.url, self.path, 0, threading.RLock()
+        with self._lock:
+            out.con = self.con.cursor()
+        out.con.execute("SET TimeZone = 'UTC'")
+        return out
+
     def close(self) -> None:
         try:
             self.con.close()

@@ -328,3 +328,33 @@ def test_a_failing_first_item_side_surfaces_its_own_error(world, monkeypatch):
         score.run(cfg, DAYS[2], run_id="t-items", scenarios=["home", "search"])
     staged = score.scores_dir(cfg, DAYS[2], "t-items")
     assert not staged.exists() or [p.name for p in staged.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_failing_model_load_surfaces_and_stops_the_waiting_planner(world, monkeypatch):
+    """The first item side waits in the planner for the model the caller loads: when loading fails, the stage
+    raises the loading error and no thread of the stage is left waiting."""
+    import threading
+
+    from mtrec.errors import ModelError
+    from mtrec.steps import score
+
+    cfg, _ = world
+
+    def broken(*args, **kwargs):
+        raise ModelError("model artifact unreadable", table="model_registry")
+
+    monkeypatch.setattr(score, "make_scorer", broken)
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            score.run(cfg, DAYS[2], run_id="t-model", scenarios=["home", "search"])
+        except BaseException as e:  # noqa: BLE001 - checked below
+            raised.append(e)
+
+    stage = threading.Thread(target=run, name="stage")
+    stage.start()
+    stage.join(120)  # (a planner left waiting for the model would keep the stage from returning)
+    assert not stage.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], ModelError) and "model artifact unreadable" in str(raised[0])
+    assert [t.name for t in threading.enumerate() if t.name.startswith("mtrec-score")] == []

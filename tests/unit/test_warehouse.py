@@ -56,6 +56,42 @@ def test_failed_write_leaves_partition_intact(cfg, warehouse_url):
         wh.close()
 
 
+def test_a_duckdb_reader_reads_beside_its_warehouse(tmp_path):
+    """`reader()`: another connection to the same database, whose query runs while the warehouse's own lock is
+    held by another thread; it sees what is committed, and closing it leaves the warehouse open."""
+    import threading
+
+    wh = open_warehouse(f"duckdb:///{tmp_path / 'wh.duckdb'}")
+    try:
+        wh.execute("CREATE TABLE t (x INTEGER)")
+        wh.execute("INSERT INTO t VALUES (1), (2)")
+        reader = wh.reader()
+        held, release, got = threading.Event(), threading.Event(), []
+
+        def hold() -> None:
+            with wh.transaction():  # the warehouse's lock, held until released
+                wh.execute("INSERT INTO t VALUES (3)")
+                held.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(10)
+        side = threading.Thread(target=lambda: got.append(reader.scalar("SELECT sum(x) FROM t")))
+        side.start()
+        side.join(5)
+        answered = not side.is_alive()
+        release.set()
+        holder.join()
+        side.join()
+        assert answered and got == [3]  # beside the held lock; the uncommitted row is not seen
+        assert reader.scalar("SELECT sum(x) FROM t") == 6  # committed now
+        reader.close()
+        assert wh.scalar("SELECT count(*) FROM t") == 3
+    finally:
+        wh.close()
+
+
 def test_statements_leave_no_open_result_between_threads(cfg, warehouse_url):
     """Scoring reads the warehouse from several threads: after a scalar, a DDL or an insert, the next bulk write
     (which registers a frame on DuckDB) must not find a result left open by the previous statement."""
