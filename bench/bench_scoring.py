@@ -4,8 +4,8 @@ Prints JSON lines: scored (user, item) pairs per second of the full score stage 
 behaviour sequences, encoding, candidates, user/item sides, pairs, top-K, Parquet; library imports timed apart)
 against the same model's forward alone on pre-built tensors (the user side, then the pairs on the stage's own
 candidate grid), on 1 thread, and on 2 cores as 2 torch threads, as 2 lanes of 1 thread (how the stage runs it)
-and as 2 processes of 1 thread; the full path is compared with the best of them (target 0.8; target 500k pairs/s
-on 2 CPU cores), and, free of the machine's drift between runs, the share of the full path's core time spent in
+and as 2 processes of 1 thread; the full path is compared, round by round, with the 2-core way that is fastest over
+the rounds (target 0.8; target 500k pairs/s on 2 CPU cores), and, free of the machine's drift between runs, the share of the full path's core time spent in
 the forward. Also the peak RSS of scoring N and 2N users (target under 3 GB for 200k users, and flat as the
 user count doubles). Each size is measured in `--rounds` rounds of the full path then the forward variants;
 medians are printed.
@@ -190,10 +190,10 @@ def main() -> None:
             # rounds alternate the full path and the forward variants (the machine's speed drifts: a ratio is
             # taken within a round, and medians are reported): the forward alone on 1 core, and on 2 cores as 2
             # torch threads, as the stage runs it (2 lanes of 1 torch thread) and as 2 processes (no shared GIL
-            # at all); the full path is compared with the best of them. (torch threads, lanes, processes):
+            # at all); the full path is compared with the fastest 2-core way. (torch threads, lanes, processes):
             variants = {"1 thread": (1, 1, 1), "2 torch threads": (2, 1, 1), "2 lanes x 1 thread": (1, 2, 1),
                         "2 processes x 1 thread": (1, 1, 2)}
-            fulls, fwd_rounds, ratios = [], [], []
+            fulls, fwd_rounds = [], []
             for _ in range(args.rounds):
                 full = in_child(_score, home, args.threads)
                 fwd = {}
@@ -204,12 +204,16 @@ def main() -> None:
                     fwd[name] = f["pairs"] / f["seconds"]
                 fulls.append(full)
                 fwd_rounds.append(fwd)
-                ratios.append(full["pairs"] / full["seconds"] / max(fwd.values()))
                 print(json.dumps({"bench": "scoring", "detail": full, "forward": fwd}), file=sys.stderr)
             full = fulls[0]
             pairs_per_s = statistics.median(f["pairs"] / f["seconds"] for f in fulls)
             cold_per_s = statistics.median(f["pairs"] / (f["seconds"] + f["import_seconds"]) for f in fulls)
             fwd_per_s = {name: statistics.median(r[name] for r in fwd_rounds) for name in variants}
+            # the baseline: the 2-core variant fastest over the rounds (by its median), compared round by round
+            # with the full path (the machine drifts between rounds). Not each round's fastest variant: the
+            # largest of several noisy measurements of about the same speed is biased upwards
+            best = max((name for name in variants if name != "1 thread"), key=fwd_per_s.__getitem__)
+            ratios = [f["pairs"] / f["seconds"] / r[best] for f, r in zip(fulls, fwd_rounds, strict=True)]
             tag = f"{n_users} users"
             emit("scoring", f"full_path_pairs_per_second[{tag}]", pairs_per_s, "pairs/s", "target 500k pairs/s",
                  500_000.0)
@@ -219,7 +223,8 @@ def main() -> None:
                 emit("scoring", f"forward_only_pairs_per_second[{tag}, {name}]", v, "pairs/s",
                      "target 500k pairs/s", 500_000.0)
             emit("scoring", f"full_path_vs_best_forward[{tag}]", statistics.median(ratios), "ratio",
-                 "target >= 0.8 of forward alone (median of the rounds' ratios)", None)
+                 f"target >= 0.8 of forward alone as {best} (the fastest 2-core way by its median; median of the "
+                 f"rounds' ratios: {', '.join(f'{r:.3f}' for r in ratios)})", None)
             # the same question without the machine's drift between the two measurements: the share of the cores'
             # time (wall x cores) the full path spent in the model's forward (its threads' CPU time), within the
             # one run (equal to the ratio above when the forward runs as fast per CPU second in both)
