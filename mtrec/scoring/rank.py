@@ -53,7 +53,7 @@ RAMP = 2
 # everyone's behaviour sequences (with one chunk each, the lanes waited ~0.3 s for it here)
 HEAD_CHUNKS = 2
 SEGMENT_USERS = 100_000  # users planned at once (their input tensors; up to 3 segments are held at a time)
-WARM_UP_USERS = 64  # users of the first plan scored WARM_UP_RUNS times while the lanes build their first chunks
+WARM_UP_USERS = 64  # users of the first plan scored WARM_UP_RUNS times before or beside the lanes' first chunks
 WARM_UP_RUNS = 2  # the trace is made on the first; TorchScript profiles the second, then optimizes the graph
 
 
@@ -483,9 +483,10 @@ def _chunk_inputs(cfg: MtrecConfig, plan: ScenarioPlan, scorer: Scorer, rows: sl
 
 def warm_up(cfg: MtrecConfig, plan: ScenarioPlan, scorer: Scorer) -> None:
     """Score the first WARM_UP_USERS users of a plan, WARM_UP_RUNS times, and drop the result, in a thread of its
-    own while the lanes build their first chunks: the trace and TorchScript's profiling run are made on a few
-    pairs (not on a whole chunk, while the other lane waits), so the lanes' first chunks run the optimized graph.
-    A failure here is left to the lanes, which meet it again and raise it."""
+    own (the score stage's: beside its first plan, on a plan of those users alone; `rank_plans`': while the lanes
+    build their first chunks): the trace and TorchScript's profiling run are made on a few pairs (not on a whole
+    chunk, while the other lane waits), so the lanes' first chunks run the optimized graph. A failure here is
+    left to the lanes, which meet it again and raise it."""
     try:
         _, blocks, u_side, cand, _ = _chunk_inputs(cfg, plan, scorer, slice(0, min(WARM_UP_USERS, len(plan.users))))
         for _ in range(WARM_UP_RUNS):
