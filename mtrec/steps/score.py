@@ -174,8 +174,9 @@ def _body(cfg: MtrecConfig, ds: dt.date, run_id: str, wh: Warehouse, scenarios: 
             log.debug("scoring warm-up skipped: %s", e)
     # the opening threads' warehouse queries run on connections of their own (when the warehouse has them): beside
     # the caller's instead of one at a time
-    readers = [wh.reader() if hasattr(wh, "reader") else wh for _ in range(2)]
+    readers: list[Warehouse] = []
     try:
+        readers += [wh.reader() if hasattr(wh, "reader") else wh for _ in range(2)]
         all_scen = known_scenarios(wh, cfg, ds)
         todo = list(scenarios) if scenarios else all_scen
         unknown = [s for s in todo if s not in all_scen]
