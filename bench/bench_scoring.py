@@ -4,9 +4,9 @@ Prints JSON lines: scored (user, item) pairs per second of the full score stage 
 behaviour sequences, encoding, candidates, user/item sides, pairs, top-K, Parquet; library imports timed apart)
 against the same model's forward alone on pre-built tensors (the user side, then the pairs on the stage's own
 candidate grid), on 1 thread, and on 2 cores as 2 torch threads, as 2 lanes of 1 thread (how the stage runs it)
-and as 2 processes of 1 thread; the full path is compared, round by round, with the 2-core way that is fastest over
-the rounds (target 0.8; target 500k pairs/s on 2 CPU cores), and, free of the machine's drift between runs, the share of the full path's core time spent in
-the forward. Also the peak RSS of scoring N and 2N users (target under 3 GB for 200k users, and flat as the
+and as 2 processes of 1 thread; the full path is compared, round by round, with the 2-core way that is fastest
+over the rounds (target 0.8; target 500k pairs/s on 2 CPU cores), and, free of the machine's drift between runs,
+the share of the full path's core time spent in the forward. Also the peak RSS of scoring N and 2N users (target under 3 GB for 200k users, and flat as the
 user count doubles). Each size is measured in `--rounds` rounds of the full path then the forward variants;
 medians are printed.
 

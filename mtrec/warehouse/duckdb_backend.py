@@ -51,9 +51,14 @@ class DuckDBWarehouse:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.con = duckdb.connect(self.path, read_only=read_only)
+            con = duckdb.connect(self.path, read_only=read_only)
         except duckdb.Error as e:
             raise WarehouseError(f"cannot open DuckDB warehouse {self.path}: {str(e).splitlines()[0]}") from None
+        self._attach(con)
+
+    def _attach(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Take `con` as this warehouse's connection (session in UTC; statements one at a time under a lock)."""
+        self.con = con
         self.con.execute("SET TimeZone = 'UTC'")
         self._depth = 0
         self._lock = threading.RLock()
@@ -182,10 +187,10 @@ class DuckDBWarehouse:
         """Another connection to the same database, for reads from another thread: its queries run beside this
         connection's instead of waiting for its lock (it sees what is committed). Close it when done."""
         out = DuckDBWarehouse.__new__(DuckDBWarehouse)
-        out.url, out.path, out._depth, out._lock = self.url, self.path, 0, threading.RLock()
+        out.url, out.path = self.url, self.path
         with self._lock:
-            out.con = self.con.cursor()
-        out.con.execute("SET TimeZone = 'UTC'")
+            con = self.con.cursor()
+        out._attach(con)
         return out
 
     def close(self) -> None:
